@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv, installs pausejax, trains the tiny pause-token model on CPU
+#   make test   creates .venv, installs pausejax with test extras, runs the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all test-slow bench clean venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+demo: venv
+	$(PY) -m pausejax.train --config=configs/tiny.py --workdir=$(DEMO_DIR) \
+	    --config.tfds_data_dir=$(CURDIR)/runs/tensorflow_datasets
+
+# Fast set by default; `make test-all` adds the slow tests.
+test: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m pausejax.bench --config=configs/tiny.py \
+	    --config.tfds_data_dir=$(CURDIR)/runs/tensorflow_datasets
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,318 @@
+"""Checkpoints of the training state and the input pipeline's position, via Orbax.
+
+`Checkpointer(directory, ...)` keeps one subdirectory per saved step, `<directory>/<step>/`,
+holding two items:
+
+  state/  the training state pytree (`{"step", "params", "opt_state"}`), written by
+          Orbax's `StandardCheckpointHandler` (OCDBT/TensorStore, sharding-aware).
+  data/   the position of the `tf.data` iterator, one `tf.train.Checkpoint` per process
+          (`process_<jax.process_index()>.*`). Only written when an iterator is given.
+
+`directory` should hold nothing but checkpoints (e.g. `<workdir>/checkpoints`).
+
+Crash safety: a process killed at any moment (kill -9) leaves a restorable directory
+----------------------------------------------------------------------------------
+Orbax writes a step into `<step>.orbax-checkpoint-tmp/` (each item into
+`<item>.orbax-checkpoint-tmp/` inside it). Only after every process has written all of its data
+does the primary process rename the items, write `commit_success.txt` and rename the step
+directory to `<step>/`. Renaming is atomic on POSIX filesystems; on GCS, where it is not, Orbax
+instead counts a step as complete only once `commit_success.txt` exists. Only complete steps are
+ever listed (`latest_step`, `has_checkpoint`, retention), so a save killed half-way leaves a
+temporary directory that is never read. Old steps are deleted only after the new one is
+committed, and never the newest, so a kill during deletion can leave a half-deleted *older* step
+but never harms the newest complete one, which is what `restore(None, ...)` reads. On top of
+that, creating a `Checkpointer` deletes the temporary directories left by a killed save
+(synchronously, on the primary process, before anything else touches the directory).
+
+Not covered: Orbax does not fsync, so a power loss or kernel crash (unlike a killed process)
+may lose recently written files on filesystems that reorder writes.
+
+Multi-host
+----------
+Every process calls every method (Orbax synchronises them). `directory` must be one filesystem
+that all processes see (GCS, NFS, ...). Arrays are written shard by shard by the processes that
+hold them. Each process writes its own iterator position to `data/process_<i>` and, on restore,
+reads its own file back, so a run resumes with its data iterator only on the same number of
+processes (and with the same data settings); otherwise `restore` raises `UsageError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pausejax.errors import UsageError
+
+STATE = "state"
+DATA = "data"
+
+_DATA_FILE_PREFIX = "process_"
+
+
+# ---------------------------------------------------------------------------------------------
+# tf.data iterator position as an Orbax item.
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves a `tf.data` iterator with `tf.train.Checkpoint`, one file prefix per process.
+
+  Saving is synchronous on purpose: the iterator's position must be captured before the
+  training loop draws the next batch. The state is small unless the pipeline holds large
+  shuffle or prefetch buffers, which tf.data serialises too.
+  """
+
+  def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
+    import tensorflow as tf  # Deferred: only runs whose pipeline is tf.data pay for the import.
+
+    tf.train.Checkpoint(iterator=args.iterator).write(_process_prefix(directory))
+
+  def restore(self, directory: epath.Path, args: DataIteratorRestore) -> Any:
+    import tensorflow as tf
+
+    saved = sorted(p.name for p in directory.glob(f"{_DATA_FILE_PREFIX}*.index"))
+    if len(saved) != jax.process_count():
+      raise UsageError(
+          f"the data iterator in {directory} was saved by {len(saved)} process(es) but this"
+          f" run has {jax.process_count()}; resume with the same number of processes or use"
+          " a fresh --workdir")
+    try:
+      tf.train.Checkpoint(iterator=args.iterator).read(
+          _process_prefix(directory)).assert_consumed()
+    except (tf.errors.OpError, AssertionError, ValueError) as e:
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UsageError(
+          f"the data iterator in {directory} does not fit this input pipeline ({first_line});"
+          " use the data settings of the checkpointed run or a fresh --workdir") from e
+    return args.iterator
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any  # A tf.data iterator (`iter(dataset)`).
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any  # A fresh iterator over the same pipeline; restored in place.
+
+
+def _process_prefix(directory: epath.Path) -> str:
+  return os.fspath(directory / f"{_DATA_FILE_PREFIX}{jax.process_index()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointer.
+
+
+def _as_path(directory: str | os.PathLike) -> epath.Path:
+  directory = os.fspath(directory)
+  if "://" not in directory:  # Local: Orbax compares paths, so make them absolute.
+    directory = os.path.abspath(directory)
+  return epath.Path(directory)
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+  """Whether `directory` holds at least one complete checkpoint. Creates nothing."""
+  path = _as_path(directory)
+  return path.is_dir() and bool(ocp.utils.checkpoint_steps(path))
+
+
+def _remove_unfinished_saves(directory: epath.Path) -> None:
+  """Deletes the temporary step directories that a killed save left behind.
+
+  Orbax never reads them, but they take space and one may block the same step's next save.
+  Done synchronously (Orbax's own clean-up runs in a background thread that nothing awaits
+  before restore). Only names that parse as a step are touched: on GCS Orbax counts *any*
+  directory without `commit_success.txt` as temporary.
+  """
+  if jax.process_index() != 0 or not directory.is_dir():
+    return
+  for tmp in ocp.step.all_temporary_paths(directory):
+    path = tmp.get()
+    try:
+      ocp.step.step_from_checkpoint_name(path.name)
+    except ValueError:
+      continue
+    path.rmtree()
+
+
+class Checkpointer:
+  """Saves and restores `(state, data iterator)` checkpoints in one directory.
+
+  Call `save` after every training step; it writes only when `step % save_every_steps == 0`
+  (or when the cluster signals a preemption, or with `force=True`). With `async_save`, `save`
+  returns once the arrays are on the host and the iterator position is captured; the files are
+  written in the background, so call `close()` (or `wait_until_finished()`) before exiting.
+  See the module docstring for what happens when a save is killed.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int, save_every_steps: int,
+               async_save: bool = True):
+    # These come straight from the config (keep_checkpoints, checkpoint_every_steps).
+    if not isinstance(keep, int) or keep < 1:
+      raise UsageError.setting("keep_checkpoints", keep, "an integer >= 1")
+    if not isinstance(save_every_steps, int) or save_every_steps < 1:
+      raise UsageError.setting("checkpoint_every_steps", save_every_steps, "an integer >= 1")
+    self._directory = _as_path(directory)
+    self._name_format = ocp.step.standard_name_format()
+    _remove_unfinished_saves(self._directory)
+
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler = ocp.StandardCheckpointHandler()
+    registry.add(STATE, ocp.args.StandardSave, state_handler)
+    registry.add(STATE, ocp.args.StandardRestore, state_handler)
+    data_handler = DataIteratorHandler()
+    registry.add(DATA, DataIteratorSave, data_handler)
+    registry.add(DATA, DataIteratorRestore, data_handler)
+
+    # Orbax's default policy also saves the first step it sees; we want exactly
+    # "every N steps", plus a save when the cluster announces a preemption.
+    save_policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(save_every_steps),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=save_policy,
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        step_name_format=self._name_format,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self._directory, options=options, handler_registry=registry)
+
+  @property
+  def directory(self) -> epath.Path:
+    return self._directory
+
+  def latest_step(self) -> int | None:
+    """The newest checkpoint's step, or None.
+
+    On a fresh start this is the newest *complete* checkpoint; afterwards it includes a save
+    of this process that may still be finishing in the background.
+    """
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Steps of all complete checkpoints, oldest first (retention already applied)."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any = None, *,
+           force: bool = False) -> bool:
+    """Saves `state` (and the iterator's position) as `step` if the policy says so.
+
+    Returns whether a save was started. A step that is already saved is skipped, so a final
+    `save(..., force=True)` right after a periodic one is harmless.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items[DATA] = DataIteratorSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int | None, abstract_state: Any, data_iterator: Any = None) -> Any:
+    """Restores the state saved at `step` (None: the latest) and, if given, the iterator.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with `.sharding` set; arrays are
+    read straight into those shardings, which may differ from the ones they were saved with
+    (another mesh, replicated, ...). `data_iterator` must be a fresh iterator over the same
+    pipeline; it is moved, in place, to the position saved with the checkpoint.
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {self._directory}")
+    step = int(step)
+    self._check_against(step, abstract_state)
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      step_dir = self._name_format.find_step(self._directory, step).path
+      if not (step_dir / DATA).exists():
+        raise UsageError(
+            f"checkpoint {step_dir} holds no data iterator position, so the input pipeline"
+            " cannot resume where it stopped; use a fresh --workdir")
+      items[DATA] = DataIteratorRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[STATE]
+
+  def check_compatible(self, abstract_state: Any) -> None:
+    """Raises `UsageError` if the latest checkpoint's arrays do not fit `abstract_state`.
+
+    Reads only Orbax's metadata (shapes and dtypes), never the arrays. No-op without a
+    checkpoint.
+    """
+    step = self.latest_step()
+    if step is not None:
+      self._check_against(step, abstract_state)
+
+  def _check_against(self, step: int, abstract_state: Any) -> None:
+    stored = _shapes_by_name(self._manager.item_metadata(step)[STATE].tree)
+    wanted = _shapes_by_name(abstract_state)
+    advice = "use a fresh --workdir, or model.* settings that match the checkpoint"
+    where = f"{self._directory} holds a checkpoint (step {step}) that does not fit this config"
+    # Parameters first: a wrong parameter also makes its optimizer moments wrong.
+    for name in sorted(wanted, key=lambda n: not n.startswith("params.")):
+      if name not in stored:
+        raise UsageError(f"{where}: {name} is in the config but not in the checkpoint; {advice}")
+      (ck_shape, ck_dtype), (cfg_shape, cfg_dtype) = stored[name], wanted[name]
+      if ck_shape != cfg_shape or ck_dtype != cfg_dtype:
+        raise UsageError(
+            f"{where}: {name} has {_describe(ck_shape, ck_dtype)} in the checkpoint but"
+            f" {_describe(cfg_shape, cfg_dtype)} in the config; {advice}")
+    for name in stored:
+      if name not in wanted:
+        raise UsageError(f"{where}: {name} is in the checkpoint but not in the config; {advice}")
+
+  def wait_until_finished(self) -> None:
+    """Blocks until a background save (and the clean-up of old steps) is done."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending saves and releases Orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _key_name(key: Any) -> str:
+  # Same naming as Orbax's on-disk names: namedtuple fields and dict keys by name, tuple
+  # entries by index ("opt_state.1.0.mu.embed.embedding").
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """`{"params.embed.embedding": (shape, dtype)}` for a pytree of arrays or array metadata."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {
+      ".".join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+      for path, leaf in leaves
+  }
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
+  return f"shape {shape} {dtype.name}"

@@ -1,0 +1,128 @@
+"""Default settings shared by every config in `configs/`, and their validation.
+
+Configs are `ml_collections.ConfigDict`s (Flax-examples style): a file in `configs/` calls
+`defaults()`, changes what it needs and returns it; any key can be overridden on the command line
+with `--config.key=value`. `validate` turns every bad value into one `UsageError` line before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from pausejax.errors import UsageError
+
+DTYPES = ("float32", "bfloat16")
+
+# Logical parameter/activation axis -> mesh axis (or None = replicated). MaxText-style defaults:
+# batch over data and fsdp, parameters' embed dimension over fsdp, wide dimensions over tensor.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("norm", None),
+    ("length", None),
+)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.task = "shakespeare_pause"      # A task registered with pausejax.tasks.
+  c.eval_task = ""                  # Held-out split of this task ("" = same as `task`).
+  c.tfds_data_dir = ""              # Where TFDS datasets live ("" = TFDS default, ~/tensorflow_datasets).
+  c.vocab_path = ""                 # SentencePiece model ("" = the embedded Shakespeare 8k model).
+  c.seq_len = 256
+  c.pack = False                    # Chunks are already exactly seq_len long; packing adds segment ids.
+  c.pause = ml_collections.ConfigDict()
+  c.pause.rate = 0.1                # PausePT: round(rate * seq_len) pauses per chunk, then trim.
+  # Schedule.
+  c.global_batch_size = 16
+  c.num_train_steps = 1000
+  c.log_every_steps = 10
+  c.eval_every_steps = 200          # 0 = only at the end.
+  c.num_eval_steps = 20             # Eval batches (0 = the whole held-out split).
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.seed = 0
+  # Model.
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.head_dim = 64
+  c.model.mlp_dim = 1024
+  c.model.tied_embeddings = True
+  c.model.dtype = "float32"         # Compute dtype; bfloat16 on TPU/GPU.
+  c.model.param_dtype = "float32"
+  c.model.rope_theta = 10_000.0
+  # Optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.end_lr_ratio = 0.1
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = 1.0
+  # Device mesh (one axis may be -1 = all remaining devices).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+  return c
+
+
+def _check(ok: bool, name: str, value, valid: str) -> None:
+  if not ok:
+    raise UsageError.setting(name, value, valid)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises UsageError (one line: setting, bad value, what is valid) for the first bad setting."""
+  rate = c.pause.rate
+  _check(isinstance(rate, (int, float)) and 0.0 <= rate < 1.0, "pause.rate", rate,
+         "a fraction in [0, 1), e.g. 0.1 for the paper's PausePT")
+  _check(_is_int(c.seq_len) and c.seq_len >= 2, "seq_len", c.seq_len,
+         "an integer >= 2 (the paper uses 2048)")
+  from pausejax import pause  # Local import: keeps this module free of TF at import time.
+  _check(c.seq_len - pause.num_pauses(rate, c.seq_len) >= 1, "seq_len", c.seq_len,
+         f"too short to keep any real token at pause.rate={rate}")
+  _check(_is_int(c.global_batch_size) and c.global_batch_size >= 1, "global_batch_size",
+         c.global_batch_size, "a positive integer")
+  for key in ("num_train_steps", "eval_every_steps", "num_eval_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "optimizer.warmup_steps"):
+    value = c
+    for part in key.split("."):
+      value = value[part]
+    _check(_is_int(value) and value >= 0, key, value, "a non-negative integer")
+  _check(_is_int(c.log_every_steps) and c.log_every_steps >= 1, "log_every_steps",
+         c.log_every_steps, "a positive integer")
+  _check(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "at least 1")
+  m = c.model
+  for key in ("num_layers", "d_model", "num_heads", "head_dim", "mlp_dim"):
+    _check(_is_int(m[key]) and m[key] >= 1, f"model.{key}", m[key], "a positive integer")
+  _check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "an even integer (RoPE rotates pairs)")
+  for key in ("dtype", "param_dtype"):
+    _check(m[key] in DTYPES, f"model.{key}", m[key], f"one of {', '.join(DTYPES)}")
+  o = c.optimizer
+  _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a positive number")
+  _check(0 <= o.end_lr_ratio <= 1, "optimizer.end_lr_ratio", o.end_lr_ratio, "a number in [0, 1]")
+  _check(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm,
+         "a non-negative number (0 = no clipping)")
+  for axis in ("data", "fsdp", "tensor"):
+    v = c.mesh[axis]
+    _check(_is_int(v) and (v >= 1 or v == -1), f"mesh.{axis}", v,
+           "a positive integer or -1 (all remaining devices)")
+  _check([c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1, "mesh", c.mesh.to_dict(),
+         "at most one of mesh.data/fsdp/tensor may be -1")

@@ -1,0 +1,382 @@
+"""Training metrics: metrics.jsonl + TensorBoard, a progress line with ETA, MFU, loss plot, summary.
+
+One `MetricsLogger` per run. Only the lead host writes files; the others only log.
+
+  logger = MetricsLogger(workdir, total_steps=cfg.num_train_steps, is_lead_host=jax.process_index() == 0)
+  logger.truncate_after(restored_step)   # -1 on a fresh start; before the first write
+  ...
+  logger.write(step, {"train_loss": loss, "tokens_per_sec": tps, "mfu": mfu})
+  logger.progress(step, {"train_loss": loss, "tokens_per_sec": tps, "mfu": mfu})
+  ...
+  logger.close()
+  plot_losses(logger.metrics_path, os.path.join(workdir, PLOT_FILENAME))
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Mapping, TextIO
+
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS_FILENAME = "metrics.jsonl"
+PLOT_FILENAME = "loss.png"
+
+
+class MetricsLogger:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard, prints progress lines."""
+
+  def __init__(self, workdir: str, *, total_steps: int, is_lead_host: bool = True,
+               clock: Callable[[], float] = time.perf_counter, stream: TextIO | None = None):
+    """`clock` and `stream` (default: sys.stdout at print time) exist so tests need not sleep."""
+    self.workdir = workdir
+    self.metrics_path = os.path.join(workdir, METRICS_FILENAME)
+    self.tensorboard_dir = workdir
+    self.total_steps = int(total_steps)
+    self.is_lead_host = is_lead_host
+    self._clock = clock
+    self._stream = stream
+    self._timing_start: tuple[int, float] | None = None  # (step, time) of the first progress call.
+    if is_lead_host:
+      os.makedirs(workdir, exist_ok=True)
+    # Lead host: absl log + TF summary files in workdir. Others: absl log only.
+    self._writer = metric_writers.create_default_writer(
+        logdir=workdir, just_logging=not is_lead_host)
+    self._closed = False
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Appends `{"step": step, **scalars}` as one line of metrics.jsonl and writes TensorBoard scalars."""
+    if "step" in scalars:
+      raise ValueError("'step' is reserved for the step number; rename that scalar")
+    values = {name: _plain_number(value) for name, value in scalars.items()}
+    if self.is_lead_host:
+      # Opening per call keeps no handle on a file that truncate_after may replace; closing flushes,
+      # so a killed run leaves only complete lines. Non-finite values are written as NaN/Infinity.
+      with open(self.metrics_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._writer.write_scalars(int(step), values)
+
+  def progress(self, step: int, scalars: Mapping[str, Any]) -> str:
+    """Prints (lead host) and returns one line: step, loss, tokens/s, MFU, ETA.
+
+    Reads `train_loss` (or `loss`), `tokens_per_sec` and `mfu` (a fraction) from `scalars` when
+    present. The time per step is measured from the first call on, so the first steps after a
+    (re)start, which include compilation, are left out, and a resumed run's step numbers work.
+    """
+    now = self._clock()
+    step = int(step)
+    if self._timing_start is None:
+      self._timing_start = (step, now)
+    first_step, first_time = self._timing_start
+
+    width = len(str(self.total_steps))
+    parts = [f"step {step:>{width}d}/{self.total_steps}"]
+    loss = scalars.get("train_loss", scalars.get("loss"))
+    if loss is not None:
+      parts.append(f"loss {float(loss):.3f}")
+    if scalars.get("tokens_per_sec") is not None:
+      parts.append(f"{format_si(scalars['tokens_per_sec'])} tok/s")
+    if scalars.get("mfu") is not None:
+      parts.append(f"MFU {100 * float(scalars['mfu']):.1f}%")
+    if step > first_step:
+      seconds_per_step = (now - first_time) / (step - first_step)
+      eta = format_duration(seconds_per_step * max(self.total_steps - step, 0))
+    else:
+      eta = "--"  # Nothing measured yet beyond the (compiling) first steps.
+    parts.append(f"ETA {eta}")
+    line = " | ".join(parts)
+    if self.is_lead_host:
+      print(line, file=self._stream or sys.stdout, flush=True)
+    return line
+
+  def truncate_after(self, step: int) -> None:
+    """Keeps only the lines of metrics.jsonl with step <= `step` (atomically; lead host only).
+
+    Call it before the first write: with the restored step when resuming, so the file matches an
+    uninterrupted run's, or with -1 for a fresh start in a used workdir (drops all lines, including
+    an old run's step-0 evaluation). Unparseable (torn) lines are dropped too.
+    """
+    if not self.is_lead_host or not os.path.exists(self.metrics_path):
+      return
+    kept = [line for line, row in _read_lines(self.metrics_path)
+            if row is not None and row.get("step", math.inf) <= step]
+    tmp_path = self.metrics_path + ".tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, self.metrics_path)
+
+  def close(self) -> None:
+    """Flushes and closes the metric writers. Safe to call twice."""
+    if not self._closed:
+      self._closed = True
+      self._writer.close()
+
+  def __enter__(self) -> MetricsLogger:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _plain_number(value: Any) -> int | float:
+  """JAX/NumPy scalars (and bools) as plain Python ints or floats, for JSON and TensorBoard."""
+  value = np.asarray(value)
+  if value.size != 1:
+    raise ValueError(f"expected a scalar, got shape {value.shape}")
+  value = value.reshape(()).item()
+  if isinstance(value, int):  # bool is an int too.
+    return int(value)
+  return float(value)
+
+
+def _read_lines(path: str) -> list[tuple[str, dict | None]]:
+  """(raw line, parsed object or None when it does not parse) for each line of a jsonl file."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      if line.endswith("\n") and isinstance(row, dict):
+        out.append((line, row))
+      else:
+        out.append((line, None))  # A torn last line lacks its newline.
+  return out
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The parsed rows of a metrics.jsonl file, skipping lines that do not parse."""
+  return [row for _, row in _read_lines(path) if row is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# MFU
+
+# Dense (no 2:4 sparsity) bf16 peak FLOP/s per chip, keyed by a word sequence of jax's
+# `device.device_kind`; the longest matching key wins ("TPU v5 lite" before "TPU v5").
+PEAK_FLOPS_PER_CHIP: dict[str, float] = {
+    # cloud.google.com/tpu/docs/system-architecture-tpu-vm and the per-version pages (v3, v4, v5e,
+    # v5p, v6e): "peak compute per chip (bf16)".
+    "TPU v3": 123e12,
+    "TPU v4": 275e12,
+    "TPU v4 lite": 138e12,  # v4i; Jouppi et al., "Ten Lessons From Three Generations...", ISCA 2021.
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5" (see jax's test_util.is_device_tpu).
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    # NVIDIA datasheets list bf16 tensor-core FLOP/s "with sparsity"; dense is half of that.
+    # A100 datasheet: 312 TFLOP/s dense for both SXM4 and PCIe ("NVIDIA A100-SXM4-80GB", ...).
+    "A100": 312e12,
+    # H100/H200 datasheets: SXM 1979 -> 989 dense; PCIe 1513 -> 756; NVL 1671 -> 835. The SXM value
+    # is the default because SXM parts report no form factor ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,  # Grace Hopper: an H100-class SXM GPU.
+    "L4": 121e12,  # L4 datasheet: 242 with sparsity. Word match keeps "L40S" from matching.
+}
+# TPU v3 shows each of a chip's two TensorCores as its own jax device; v4/v5p (megacore), v5e and
+# v6e show one device per chip, as do GPUs.
+DEVICES_PER_CHIP: dict[str, int] = {"TPU v3": 2}
+
+
+def lookup_peak_flops(device_kind: str) -> tuple[str, float] | None:
+  """(table key, dense bf16 peak FLOP/s per chip) for a device kind string, or None if unknown."""
+  matches = [key for key in PEAK_FLOPS_PER_CHIP
+             if re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])", device_kind.lower())]
+  if not matches:
+    return None
+  key = max(matches, key=len)
+  return key, PEAK_FLOPS_PER_CHIP[key]
+
+
+@functools.cache
+def measure_matmul_flops(device: Any = None, *, n: int = 1024, dtype: Any = jnp.float32,
+                         warmup: int = 2, repeats: int = 7) -> float:
+  """Achievable FLOP/s of one jitted n x n matmul on `device` (best of `repeats`), cached."""
+  device = device or jax.devices()[0]
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype), device)
+  matmul = jax.jit(lambda a, b: a @ b)
+  for _ in range(warmup):  # Compile and warm caches.
+    matmul(x, x).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x, x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / max(best, 1e-9)
+
+
+def peak_flops_per_device(device: Any = None) -> tuple[float, str]:
+  """(peak FLOP/s of one jax device, how it was obtained).
+
+  Known accelerators use the spec-sheet table. CPUs and unknown kinds are measured with
+  `measure_matmul_flops`. CPU devices forced by --xla_force_host_platform_device_count share the
+  host's cores, and a single matmul already uses all of them, so the host rate is split among them.
+  """
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  found = lookup_peak_flops(kind) if device.platform != "cpu" else None
+  if found is not None:
+    key, per_chip = found
+    per_chip_devices = DEVICES_PER_CHIP.get(key, 1)
+    how = f"spec sheet: {key} ({kind}) dense bf16 {per_chip / 1e12:g} TFLOP/s per chip"
+    if per_chip_devices > 1:
+      how += f", {per_chip_devices} devices per chip"
+    return per_chip / per_chip_devices, how
+  dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+  rate = measure_matmul_flops(device, dtype=dtype)
+  shared_by = len(jax.local_devices(backend="cpu")) if device.platform == "cpu" else 1
+  where = device.platform if kind in ("", device.platform) else f"{device.platform} ({kind})"
+  how = f"measured: jitted {jnp.dtype(dtype).name} matmul probe on {where}"
+  if shared_by > 1:
+    how += f", host's {format_si(rate)}FLOP/s split over its {shared_by} devices"
+  return rate / shared_by, how
+
+
+def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_per_device: float) -> float:
+  """Model FLOPs utilization: achieved FLOP/s over the peak of all devices (a fraction)."""
+  if step_seconds <= 0 or num_devices <= 0 or peak_per_device <= 0:
+    raise ValueError(f"need positive step_seconds, num_devices and peak_per_device, got "
+                     f"{step_seconds}, {num_devices}, {peak_per_device}")
+  return flops_per_step / step_seconds / (num_devices * peak_per_device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot and summary
+
+
+def plot_losses(metrics_jsonl: str, out_png: str, *, title: str | None = None) -> None:
+  """Saves a PNG of train_loss (line) and eval_loss (points) against step."""
+  from matplotlib.figure import Figure  # Figure without pyplot: no global backend state.
+
+  rows = read_metrics(metrics_jsonl) if os.path.exists(metrics_jsonl) else []
+  fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
+  ax = fig.add_subplot()
+  for key, label, style in (("train_loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
+    points = sorted((row["step"], row[key]) for row in rows if row.get(key) is not None)
+    if points:
+      steps, losses = zip(*points)
+      ax.plot(steps, losses, style, lw=1.5, ms=4, label=f"{label} (final {losses[-1]:.3f})")
+  if ax.lines:
+    ax.legend()
+  else:
+    ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
+  run_name = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl)))
+  ax.set(xlabel="training step", ylabel="cross-entropy (nats / token)",
+         title=title or f"Loss vs step: {run_name}")
+  ax.grid(alpha=0.3)
+  tmp_path = out_png + ".tmp"
+  fig.savefig(tmp_path, format="png")
+  os.replace(tmp_path, out_png)
+
+
+def format_duration(seconds: float) -> str:
+  """12s, 4m12s, 1h03m, 2d05h; '--' for negative or non-finite input."""
+  if seconds is None or not math.isfinite(seconds) or seconds < 0:
+    return "--"
+  s = int(round(seconds))
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  if s < 86400:
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+  return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_si(x: float) -> str:
+  """3 significant digits with a k/M/G/T suffix: 812, 41.2k, 1.5M."""
+  x = float(x)
+  for div, suffix in ((1, ""), (1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+    text = f"{x / div:.3g}"
+    if abs(float(text)) < 1000 or suffix == "T":
+      return text + suffix
+  raise AssertionError("unreachable")
+
+
+def _pct(x: Any) -> str:
+  return f"{100 * float(x):.1f}%"
+
+
+def _loss(x: Any) -> str:
+  return f"{float(x):.4f}"
+
+
+def _first_final(first: Any, final: Any, fmt: Callable[[Any], str]) -> str | None:
+  if first is not None and final is not None:
+    return f"{fmt(first)} -> {fmt(final)}  (first -> final)"
+  if final is not None:
+    return f"{fmt(final)}  (final)"
+  return None if first is None else f"{fmt(first)}  (first)"
+
+
+# Keys format_summary understands; any other keys are listed after them as they are.
+SUMMARY_KEYS = (
+    "params", "steps", "total_steps", "tokens_real", "tokens_total", "pause_fraction",
+    "final_train_loss", "first_eval_loss", "final_eval_loss", "first_eval_accuracy",
+    "final_eval_accuracy", "wall_seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_how",
+    "workdir", "metrics_path", "plot_path", "checkpoint_dir", "tensorboard_dir")
+
+
+def format_summary(info: Mapping[str, Any]) -> str:
+  """A one-screen end-of-run table from whichever of `SUMMARY_KEYS` (and others) are present."""
+  get = {k: v for k, v in info.items() if v is not None}.get
+  lines: list[tuple[str, str]] = []
+
+  def add(label: str, render: Callable[[], str | None]) -> None:
+    try:
+      text = render()
+    except (TypeError, ValueError):  # A value of an unexpected type: flag it, do not crash.
+      text = "? (unexpected value)"
+    if text is not None:
+      lines.append((label, text))
+
+  def one(key: str, fmt: Callable[[Any], str]) -> Callable[[], str | None]:
+    return lambda: None if get(key) is None else fmt(get(key))
+
+  def both(a: str, b: str, fmt: Callable[[Any], str], sep: str) -> Callable[[], str | None]:
+    return lambda: sep.join(fmt(get(k)) for k in (a, b) if get(k) is not None) or None
+
+  add("model params", one("params", lambda n: f"{format_si(n)} ({int(n):,})"))
+  add("steps", both("steps", "total_steps", str, " / "))
+  add("tokens seen", lambda: " / ".join(
+      f"{format_si(get(key))} {label}" for key, label in (("tokens_real", "real"), ("tokens_total", "total"))
+      if get(key) is not None) or None)
+  add("pause fraction", one("pause_fraction", _pct))
+  add("final train loss", one("final_train_loss", _loss))
+  add("eval loss", lambda: _first_final(get("first_eval_loss"), get("final_eval_loss"), _loss))
+  add("eval accuracy", lambda: _first_final(get("first_eval_accuracy"), get("final_eval_accuracy"), _pct))
+  add("wall time", one("wall_seconds", format_duration))
+  add("throughput", one("tokens_per_sec", lambda x: f"{format_si(x)} tokens/s"))
+  add("MFU", one("mfu", _pct))
+  add("peak FLOP/s", both("peak_flops", "peak_how",
+                          lambda x: x if isinstance(x, str) else f"{format_si(x)}FLOP/s per device", ", "))
+  workdir = get("workdir")
+  tensorboard_dir = get("tensorboard_dir", workdir)
+  add("workdir", lambda: workdir)
+  add("metrics", lambda: get("metrics_path") or (workdir and os.path.join(workdir, METRICS_FILENAME)))
+  add("loss plot", lambda: get("plot_path") or (workdir and os.path.join(workdir, PLOT_FILENAME)))
+  add("checkpoints", lambda: get("checkpoint_dir"))
+  add("tensorboard", lambda: tensorboard_dir and f"tensorboard --logdir {tensorboard_dir}")
+  lines += [(k, str(v)) for k, v in info.items() if k not in SUMMARY_KEYS and v is not None]
+
+  width = max(len(label) for label, _ in lines) if lines else 0
+  body = [f"{label:<{width}}  {text}" for label, text in lines]
+  rule = "-" * max([len("run summary")] + [len(line) for line in body])
+  return "\n".join([rule, "run summary", rule, *body, rule])

@@ -1,0 +1,125 @@
+"""The pause-token method (Goyal et al. 2023, "Think before you speak"), all in one place.
+
+Pause-pretraining (PausePT): take the standard packed chunk of L tokens, insert
+`num_pauses(rate, L)` `<pause>` tokens at uniformly random positions, then trim back to L. The
+model therefore sees about `rate` fewer real tokens for the same compute, and the real tokens of a
+paused chunk are exactly a prefix of the unpaused chunk.
+
+Loss: ordinary next-token cross-entropy, but never where the *target* is `<pause>` — pauses are
+inputs, not predictions. That rule lives in exactly one place: `PauseLMFeatureConverter` writes it
+into `decoder_loss_weights`, which the loss and every metric use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Mapping
+
+import seqio
+import tensorflow as tf
+
+
+def num_pauses(rate: float, length: int) -> int:
+  """round(rate * length), rounding halves up (Python's round() would round half to even)."""
+  return int(math.floor(rate * length + 0.5))
+
+
+def insert_pauses(tokens_L: tf.Tensor, *, count: int, pause_id: int, seed: tf.Tensor,
+                  trim: bool = True) -> tf.Tensor:
+  """Inserts `count` pause ids at uniformly random positions of `tokens_L`, then trims to L.
+
+  Every placement of the pauses among the L + count slots is equally likely: the pause slots are the
+  `count` largest of L + count i.i.d. uniform scores. Pure TF ops and stateless randomness, so the
+  result depends only on `seed`.
+
+  Args:
+    tokens_L: int32 [L] token ids.
+    count: number of pauses to insert (before trimming).
+    pause_id: the `<pause>` id.
+    seed: int [2] stateless seed.
+    trim: False returns all L + count tokens (for inspection and tests).
+  Returns:
+    The first L tokens of the sequence with pauses inserted (all L + count if not `trim`). Pauses
+    that land past position L are trimmed away with the tail, so a chunk keeps count * L / (L +
+    count) pauses on average, as in the paper's insert-then-trim recipe.
+  """
+  if count == 0:
+    return tokens_L
+  length = tf.shape(tokens_L)[0]
+  total = length + count
+  scores = tf.random.stateless_uniform([total], seed=seed)
+  _, pause_slots = tf.math.top_k(scores, k=count)
+  is_pause = tf.scatter_nd(pause_slots[:, None], tf.ones([count], tf.int32), [total]) > 0
+  # The i-th non-pause slot receives token i: real tokens keep their order.
+  source_index = tf.cumsum(tf.cast(~is_pause, tf.int32), exclusive=True)
+  real = tf.gather(tokens_L, tf.minimum(source_index, length - 1))
+  out = tf.where(is_pause, tf.cast(pause_id, tokens_L.dtype), real)
+  return out[:length] if trim else out
+
+
+def _pause_id(output_features: Mapping[str, seqio.Feature], key: str) -> int:
+  vocab = output_features[key].vocabulary
+  if not hasattr(vocab, "pause_id"):
+    raise ValueError(
+        f"feature {key!r} uses {type(vocab).__name__}, which has no <pause> id; "
+        "wrap it in pausejax.specials.SpecialsVocabulary")
+  return vocab.pause_id
+
+
+def insert_pauses_preprocessor(
+    ds: tf.data.Dataset,
+    sequence_length: Mapping[str, int],
+    output_features: Mapping[str, seqio.Feature],
+    *,
+    rate: float,
+    key: str = "targets",
+) -> tf.data.Dataset:
+  """SeqIO preprocessor: PausePT insertion on chunks of `sequence_length[key]` tokens.
+
+  The count is `num_pauses(rate, L)` with L the task's sequence length, so every full chunk gets the
+  same number of pauses (about 205 for L = 2048 at rate 0.1). Each example gets its own seed from
+  seqio's per-preprocessor seed stream (`map_over_dataset(num_seeds=1)`), so results are
+  deterministic given the seed passed to `Task.get_dataset` and independent across examples.
+  With rate 0 the dataset is returned untouched.
+  """
+  count = num_pauses(rate, sequence_length[key])
+  if count == 0:
+    return ds
+  pause_id = _pause_id(output_features, key)
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def insert(features, seed):
+    features = dict(features)
+    seed = tf.cast(tf.stack(seed) if isinstance(seed, (tuple, list)) else seed, tf.int64)
+    features[key] = insert_pauses(features[key], count=count, pause_id=pause_id, seed=seed)
+    return features
+
+  return insert(ds)
+
+
+def pause_preprocessor(rate: float, key: str = "targets"):
+  """`insert_pauses_preprocessor` with its rate bound, ready for a Task's preprocessor list."""
+  return functools.partial(insert_pauses_preprocessor, rate=rate, key=key)
+
+
+class PauseLMFeatureConverter(seqio.LMFeatureConverter):
+  """seqio's decoder-only converter, plus: no loss where the target is `<pause>`.
+
+  This is the single place where pause targets are masked out; `decoder_loss_weights` is then
+  1 exactly on real (non-padding, non-pause) targets.
+  """
+
+  def __init__(self, pause_id: int, **kwargs):
+    super().__init__(**kwargs)
+    self._pause_id = pause_id
+
+  @property
+  def pause_id(self) -> int:
+    return self._pause_id
+
+  def _convert_example(self, features):
+    d = dict(super()._convert_example(features))
+    not_pause = tf.cast(tf.not_equal(d["decoder_target_tokens"], self._pause_id), tf.int32)
+    d["decoder_loss_weights"] = d["decoder_loss_weights"] * not_pause
+    return d

@@ -1,0 +1,364 @@
+r"""Pretrain a (pause-token) language model.
+
+    python -m pausejax.train --config=configs/tiny.py --workdir=runs/tiny \
+        [--config.pause.rate=0.0] [--config.num_train_steps=500] ...
+
+Reads top to bottom: config -> mesh -> data -> model -> optimizer -> checkpoint -> loop.
+Re-running the same command resumes from the latest checkpoint in `--workdir`, data position
+included, and logs exactly the losses an uninterrupted run would. SIGTERM (preemption) saves a
+checkpoint at the current step and exits cleanly.
+
+Outputs in --workdir: metrics.jsonl, TensorBoard events, checkpoints/, loss.png, summary.txt.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import tempfile
+import time
+from typing import Any
+
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+from flax import nnx
+
+from pausejax import checkpoint
+from pausejax import config as config_lib
+from pausejax import data as data_lib
+from pausejax import distributed
+from pausejax import metrics
+from pausejax import model as model_lib
+from pausejax import sharding
+from pausejax import specials
+from pausejax.errors import UsageError
+from pausejax.errors import run
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file in configs/ (e.g. configs/tiny.py). Override any "
+    "key with --config.key=value, e.g. --config.pause.rate=0.0 for the no-pause baseline.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (local path or gs://): metrics, TensorBoard, checkpoints. "
+    "Re-running with the same workdir resumes.")
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Model state as plain pytrees: params is a nested dict of arrays, so checkpoints and shardings
+# never depend on module internals.
+
+def abstract_model(model_cfg: model_lib.ModelConfig):
+  """(graphdef, abstract nnx.State of params) without allocating anything."""
+  abstract = nnx.eval_shape(lambda: model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)
+
+
+def param_logical_specs(abstract_params: nnx.State) -> PyTree:
+  return nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+
+
+def apply_model(graphdef, abstract_params: nnx.State, params: PyTree, batch: dict[str, jax.Array]):
+  """Logits [B, L, V] (float32) for a batch of seqio decoder features."""
+  state = jax.tree.map(lambda x: x, abstract_params)  # Fresh copy: replace_by_pure_dict mutates.
+  nnx.replace_by_pure_dict(state, params)
+  model = nnx.merge(graphdef, state)
+  return model(batch["decoder_input_tokens"], batch.get("decoder_segment_ids"),
+               batch.get("decoder_positions"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: AdamW, linear warmup + cosine decay, global-norm clipping, no decay on norms and
+# embeddings (decaying them hurts and is not what any reference recipe does).
+
+def make_optimizer(oc, num_train_steps: int):
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=oc.learning_rate, warmup_steps=oc.warmup_steps,
+      decay_steps=max(num_train_steps, oc.warmup_steps + 1),
+      end_value=oc.learning_rate * oc.end_lr_ratio)
+
+  def decay_mask(params):
+    def decays(path, p):
+      names = {getattr(k, "key", None) for k in path}
+      return p.ndim >= 2 and not names & model_lib.NO_DECAY_NAMES
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+  tx = optax.chain(
+      optax.clip_by_global_norm(oc.grad_clip_norm) if oc.grad_clip_norm else optax.identity(),
+      optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
+                  mask=decay_mask))
+  return tx, schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: next-token cross-entropy weighted by decoder_loss_weights, which the data pipeline has
+# already zeroed on padding and on `<pause>` targets (pause.PauseLMFeatureConverter).
+
+def loss_terms(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums over the batch: weighted NLL, correct predictions, real-target count."""
+  targets_BxL = batch["decoder_target_tokens"]
+  weights_BxL = batch["decoder_loss_weights"].astype(jnp.float32)
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32))
+  nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+  return {"nll_sum": jnp.sum(nll_BxL * weights_BxL),
+          "correct_sum": jnp.sum(correct_BxL * weights_BxL),
+          "weight_sum": jnp.sum(weights_BxL)}
+
+
+def make_train_step(graphdef, abstract_params, tx, schedule, pause_id: int):
+  def train_step(state: PyTree, batch: dict[str, jax.Array]):
+    def loss_fn(params):
+      terms = loss_terms(apply_model(graphdef, abstract_params, params, batch), batch)
+      return terms["nll_sum"] / jnp.maximum(terms["weight_sum"], 1.0), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    targets = batch["decoder_target_tokens"]
+    total = jnp.sum(targets != 0).astype(jnp.float32)
+    step_metrics = {
+        "train_loss": loss,
+        "train_accuracy": terms["correct_sum"] / jnp.maximum(terms["weight_sum"], 1.0),
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state["step"]),
+        "pause_fraction": jnp.sum(batch["decoder_input_tokens"] == pause_id) / jnp.maximum(total, 1),
+        "real_tokens": terms["weight_sum"],
+        "total_tokens": total,
+    }
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, step_metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, abstract_params):
+  def eval_step(params: PyTree, batch: dict[str, jax.Array]):
+    return loss_terms(apply_model(graphdef, abstract_params, params, batch), batch)
+  return eval_step
+
+
+def evaluate(eval_step, params, eval_ds, batch_sharding) -> dict[str, float]:
+  totals = None
+  for batch in eval_ds:
+    terms = eval_step(params, _global_batch(batch, batch_sharding))
+    totals = terms if totals is None else jax.tree.map(jnp.add, totals, terms)
+  if totals is None:
+    raise UsageError.setting("eval_task", "", "the held-out split gave no full batch; lower "
+                             "global_batch_size or seq_len")
+  totals = jax.device_get(totals)
+  n = max(float(totals["weight_sum"]), 1.0)
+  return {"eval_loss": float(totals["nll_sum"]) / n, "eval_accuracy": float(totals["correct_sum"]) / n}
+
+
+def _global_batch(batch, batch_sharding) -> dict[str, jax.Array]:
+  """This process's rows of the batch -> one global array per feature."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v.numpy())
+          for k, v in batch.items()}
+
+
+def _check_workdir(workdir: str) -> None:
+  """Fails before anything is written if the workdir cannot be created or written."""
+  if "://" in workdir:
+    return  # Object stores (gs://) are checked by the first write.
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError.setting("workdir", workdir, "exists and is not a directory")
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UsageError.setting("workdir", workdir, f"{probe} is a file, not a directory")
+  try:  # os.access says yes to root even on read-only mounts: really try (and leave nothing).
+    with tempfile.TemporaryFile(dir=probe):
+      pass
+  except OSError as e:
+    raise UsageError.setting("workdir", workdir,
+                             f"cannot write in {probe} ({e.strerror}); choose a writable path")
+
+
+class _Preemption:
+  """SIGTERM -> finish the current step, save a checkpoint, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # All hosts agree on the step to stop at.
+      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+# ----------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  # 1. Config: every bad value fails here, before anything is written.
+  config_lib.validate(config)
+  _check_workdir(workdir)
+
+  # 2. Mesh.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_dict(config.logical_axis_rules)
+  sharding.check_batch_divisible(config.global_batch_size, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+
+  # 3. Data (this host's shard).
+  data = data_lib.prepare(config)
+  local_batch = data_lib.per_process_batch_size(config.global_batch_size)
+
+  # 4. Model: parameters are created directly with their shardings, never whole on one host.
+  model_cfg = model_lib.ModelConfig.from_config(
+      config.model, specials.padded_vocab_size(data.vocabulary.vocab_size))
+  graphdef, abstract_params = abstract_model(model_cfg)
+  param_shardings = sharding.named_shardings(param_logical_specs(abstract_params), mesh, rules)
+
+  # 5. Optimizer.
+  tx, schedule = make_optimizer(config.optimizer, config.num_train_steps)
+
+  def init_state():
+    model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract_state = jax.eval_shape(init_state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = {
+      "step": replicated,
+      "params": param_shardings,
+      "opt_state": optax.tree_map_params(
+          tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
+          transform_non_params=lambda _: replicated,
+          is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
+  }
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_shardings)
+
+  # 6. Checkpoint: refuse a workdir whose checkpoint holds another model, before writing.
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      save_every_steps=config.checkpoint_every_steps or config.num_train_steps or 1,
+      async_save=config.async_checkpointing)
+  ckpt.check_compatible(abstract_state)
+
+  train_ds = data_lib.dataset(data, config, train=True, batch_size=local_batch)
+  eval_ds = data_lib.dataset(data, config, train=False, batch_size=local_batch)
+  train_iter = iter(train_ds)
+  start_step = ckpt.latest_step()
+  if start_step is None:
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+    start_step = 0
+  else:
+    state = ckpt.restore(start_step, abstract_state, train_iter)
+    logging.info("Resumed from step %d", start_step)
+
+  lead = jax.process_index() == 0
+  logger = metrics.MetricsLogger(workdir, total_steps=config.num_train_steps, is_lead_host=lead)
+  logger.truncate_after(start_step)
+  train_step = jax.jit(make_train_step(graphdef, abstract_params, tx, schedule, data.pause_id),
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef, abstract_params),
+                      in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+
+  num_params = model_lib.count_params(model_cfg)
+  tokens_per_step = config.global_batch_size * config.seq_len
+  flops_per_step = model_lib.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
+  peak, peak_source = metrics.peak_flops_per_device()
+  if lead:
+    print(f"pausejax: {num_params / 1e6:.2f}M params | task {config.task} | pause.rate "
+          f"{config.pause.rate} | mesh {dict(mesh.shape)} | {jax.device_count()} "
+          f"{jax.devices()[0].device_kind} device(s) | workdir {workdir}", flush=True)
+
+  # 7. Loop.
+  preemption = _Preemption()
+  first_eval, last_eval, last = None, None, {}
+  totals = {"real_tokens": 0.0, "total_tokens": 0.0}
+  t_start = time.time()
+  t_window, window_steps = time.time(), 0
+  step = start_step
+  while step < config.num_train_steps:
+    batch = _global_batch(next(train_iter), batch_sharding)
+    state, step_metrics = train_step(state, batch)
+    step += 1
+    window_steps += 1
+    if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      dt = (time.time() - t_window) / window_steps
+      t_window, window_steps = time.time(), 0
+      real, total = m.pop("real_tokens"), m.pop("total_tokens")
+      totals["real_tokens"] += real  # Sampled at log steps; exact totals come from step counts.
+      m.update({
+          "step_time": dt,
+          "tokens_per_sec": total / dt,
+          "real_tokens_per_sec": real / dt,
+          "mfu": metrics.mfu(flops_per_step, dt, jax.device_count(), peak),
+      })
+      logger.write(step, m)
+      logger.progress(step, m)
+      last = m
+    if config.eval_every_steps and step % config.eval_every_steps == 0 or \
+        step == config.num_train_steps:
+      e = evaluate(eval_step, state["params"], eval_ds, batch_sharding)
+      logger.write(step, e)
+      logger.progress(step, e)
+      first_eval = first_eval or {"step": step, **e}
+      last_eval = {"step": step, **e}
+      t_window = time.time()  # Eval time is not training time.
+    ckpt.save(step, state, train_iter, force=step == config.num_train_steps)
+    if preemption.reached(step):
+      ckpt.save(step, state, train_iter, force=True)
+      ckpt.wait_until_finished()
+      logger.close()
+      print(f"Stopped at step {step} on SIGTERM; checkpoint saved. Re-run the same command to "
+            "resume.", flush=True)
+      return {"step": step, "preempted": True}
+
+  ckpt.wait_until_finished()
+  ckpt.close()
+  logger.close()
+  wall = time.time() - t_start
+  steps_run = step - start_step
+  info = {
+      "params": num_params, "steps": step, "steps_this_run": steps_run,
+      "tokens_total": step * tokens_per_step,
+      "pause_fraction": last.get("pause_fraction"),
+      "train_loss": last.get("train_loss"),
+      "first_eval": first_eval, "final_eval": last_eval,
+      "wall_time": wall, "tokens_per_sec": last.get("tokens_per_sec"),
+      "real_tokens_per_sec": last.get("real_tokens_per_sec"), "mfu": last.get("mfu"),
+      "peak_source": peak_source, "workdir": workdir,
+  }
+  if lead:
+    metrics.plot_losses(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
+    text = metrics.format_summary(info)
+    with open(os.path.join(workdir, "summary.txt"), "w") as f:
+      f.write(text + "\n")
+    print(text, flush=True)
+  return info
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value")
+  distributed.initialize()
+  if _CONFIG.value is None:
+    raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
+  if not _WORKDIR.value:
+    raise UsageError.setting("--workdir", _WORKDIR.value, "give a run directory, e.g. runs/tiny")
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  run(main)
