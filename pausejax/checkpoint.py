@@ -64,7 +64,9 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
   Saving is synchronous on purpose: the iterator's position must be captured before the
   training loop draws the next batch. The state is small unless the pipeline holds large
-  shuffle or prefetch buffers, which tf.data serialises too.
+  shuffle or prefetch buffers, which tf.data serialises too. The pipeline must be one tf.data
+  can checkpoint (no `from_generator` or `py_function`). tf.data notices a changed pipeline
+  structure on restore, but not changed parameters such as the batch size.
   """
 
   def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
@@ -205,7 +207,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    """Steps of all complete checkpoints, oldest first (retention already applied)."""
+    """Steps of all checkpoints, oldest first (as for `latest_step`; retention applied)."""
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator: Any = None, *,

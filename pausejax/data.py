@@ -95,6 +95,8 @@ def dataset(data: Data, config: ml_collections.ConfigDict, *, train: bool,
       shard_info=shard_info(),
       num_epochs=None if train else 1,  # Training repeats forever; eval is one pass.
       use_cached=False,
+      # No in-memory cache: it would be written into every data-iterator checkpoint.
+      try_in_mem_cache=False,
   )
   ds = data.converter(ds, lengths)
   ds = ds.batch(batch_size or per_process_batch_size(config.global_batch_size),

@@ -2,7 +2,8 @@
 
 One `MetricsLogger` per run. Only the lead host writes files; the others only log.
 
-  logger = MetricsLogger(workdir, total_steps=cfg.num_train_steps, is_lead_host=jax.process_index() == 0)
+  logger = MetricsLogger(workdir, total_steps=cfg.num_train_steps,
+                         is_lead_host=jax.process_index() == 0)
   logger.truncate_after(restored_step)   # -1 on a fresh start; before the first write
   ...
   logger.write(step, {"train_loss": loss, "tokens_per_sec": tps, "mfu": mfu})
@@ -54,7 +55,7 @@ class MetricsLogger:
     self._closed = False
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    """Appends `{"step": step, **scalars}` as one line of metrics.jsonl and writes TensorBoard scalars."""
+    """Appends `{"step": step, **scalars}` to metrics.jsonl; writes the TensorBoard scalars."""
     if "step" in scalars:
       raise ValueError("'step' is reserved for the step number; rename that scalar")
     values = {name: _plain_number(value) for name, value in scalars.items()}
@@ -71,6 +72,7 @@ class MetricsLogger:
     Reads `train_loss` (or `loss`), `tokens_per_sec` and `mfu` (a fraction) from `scalars` when
     present. The time per step is measured from the first call on, so the first steps after a
     (re)start, which include compilation, are left out, and a resumed run's step numbers work.
+    Time spent between calls on evaluation or checkpoints counts, since the rest of the run has it.
     """
     now = self._clock()
     step = int(step)
@@ -171,7 +173,7 @@ PEAK_FLOPS_PER_CHIP: dict[str, float] = {
     # v5p, v6e): "peak compute per chip (bf16)".
     "TPU v3": 123e12,
     "TPU v4": 275e12,
-    "TPU v4 lite": 138e12,  # v4i; Jouppi et al., "Ten Lessons From Three Generations...", ISCA 2021.
+    "TPU v4 lite": 138e12,  # v4i; Jouppi et al., "Ten Lessons From Three Generations", ISCA 2021.
     "TPU v5 lite": 197e12,  # v5e
     "TPU v5e": 197e12,
     "TPU v5": 459e12,  # v5p reports "TPU v5" (see jax's test_util.is_device_tpu).
@@ -180,15 +182,15 @@ PEAK_FLOPS_PER_CHIP: dict[str, float] = {
     # NVIDIA datasheets list bf16 tensor-core FLOP/s "with sparsity"; dense is half of that.
     # A100 datasheet: 312 TFLOP/s dense for both SXM4 and PCIe ("NVIDIA A100-SXM4-80GB", ...).
     "A100": 312e12,
-    # H100/H200 datasheets: SXM 1979 -> 989 dense; PCIe 1513 -> 756; NVL 1671 -> 835. The SXM value
-    # is the default because SXM parts report no form factor ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+    # H100/H200 datasheets: SXM 1979 -> 989 dense; PCIe 1513 -> 756; NVL 1671 -> 835. The SXM
+    # value is the default: SXM parts name no form factor ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
     "H100": 989e12,
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H200": 989e12,
     "H200 NVL": 835e12,
     "GH200": 989e12,  # Grace Hopper: an H100-class SXM GPU.
-    "L4": 121e12,  # L4 datasheet: 242 with sparsity. Word match keeps "L40S" from matching.
+    "L4": 121e12,  # L4 datasheet: 242 with sparsity.
 }
 # TPU v3 shows each of a chip's two TensorCores as its own jax device; v4/v5p (megacore), v5e and
 # v6e show one device per chip, as do GPUs.
@@ -197,8 +199,10 @@ DEVICES_PER_CHIP: dict[str, int] = {"TPU v3": 2}
 
 def lookup_peak_flops(device_kind: str) -> tuple[str, float] | None:
   """(table key, dense bf16 peak FLOP/s per chip) for a device kind string, or None if unknown."""
+  kind = device_kind.lower()
+  # Whole words only, so "L4" does not match "NVIDIA L40S".
   matches = [key for key in PEAK_FLOPS_PER_CHIP
-             if re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])", device_kind.lower())]
+             if re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])", kind)]
   if not matches:
     return None
   key = max(matches, key=len)
@@ -249,7 +253,8 @@ def peak_flops_per_device(device: Any = None) -> tuple[float, str]:
   return rate / shared_by, how
 
 
-def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_per_device: float) -> float:
+def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
+        peak_per_device: float) -> float:
   """Model FLOPs utilization: achieved FLOP/s over the peak of all devices (a fraction)."""
   if step_seconds <= 0 or num_devices <= 0 or peak_per_device <= 0:
     raise ValueError(f"need positive step_seconds, num_devices and peak_per_device, got "
@@ -262,7 +267,7 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_per_d
 
 
 def plot_losses(metrics_jsonl: str, out_png: str, *, title: str | None = None) -> None:
-  """Saves a PNG of train_loss (line) and eval_loss (points) against step."""
+  """Saves a PNG of train_loss (line) and eval_loss (line with markers) against step."""
   from matplotlib.figure import Figure  # Figure without pyplot: no global backend state.
 
   rows = read_metrics(metrics_jsonl) if os.path.exists(metrics_jsonl) else []
@@ -318,65 +323,75 @@ def _loss(x: Any) -> str:
   return f"{float(x):.4f}"
 
 
-def _first_final(first: Any, final: Any, fmt: Callable[[Any], str]) -> str | None:
-  if first is not None and final is not None:
-    return f"{fmt(first)} -> {fmt(final)}  (first -> final)"
-  if final is not None:
-    return f"{fmt(final)}  (final)"
-  return None if first is None else f"{fmt(first)}  (first)"
-
-
 # Keys format_summary understands; any other keys are listed after them as they are.
 SUMMARY_KEYS = (
     "params", "steps", "total_steps", "tokens_real", "tokens_total", "pause_fraction",
     "final_train_loss", "first_eval_loss", "final_eval_loss", "first_eval_accuracy",
     "final_eval_accuracy", "wall_seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_how",
     "workdir", "metrics_path", "plot_path", "checkpoint_dir", "tensorboard_dir")
+# Other names accepted for some of them.
+_SUMMARY_ALIASES = {"train_loss": "final_train_loss", "wall_time": "wall_seconds",
+                    "peak_source": "peak_how", "real_tokens": "tokens_real"}
+
+
+def _normalize_summary(info: Mapping[str, Any]) -> dict[str, Any]:
+  """Applies the aliases, flattens {"first_eval": {"eval_loss": x}} to first_eval_loss, adds the
+  paths this module writes in `workdir`, and drops None values."""
+  out = {}
+  for key, value in info.items():
+    if key in ("first_eval", "final_eval") and isinstance(value, Mapping):
+      prefix = key.split("_")[0]
+      out.update({f"{prefix}_{k}": v for k, v in value.items() if k.startswith("eval_")})
+    else:
+      out[_SUMMARY_ALIASES.get(key, key)] = value
+  if out.get("workdir"):
+    out.setdefault("metrics_path", os.path.join(out["workdir"], METRICS_FILENAME))
+    out.setdefault("plot_path", os.path.join(out["workdir"], PLOT_FILENAME))
+    out.setdefault("tensorboard_dir", out["workdir"])
+  return {k: v for k, v in out.items() if v is not None}
 
 
 def format_summary(info: Mapping[str, Any]) -> str:
   """A one-screen end-of-run table from whichever of `SUMMARY_KEYS` (and others) are present."""
-  get = {k: v for k, v in info.items() if v is not None}.get
-  lines: list[tuple[str, str]] = []
+  info = _normalize_summary(info)
 
-  def add(label: str, render: Callable[[], str | None]) -> None:
+  def joined(sep: str, **formats: Callable[[Any], str]) -> str | None:
+    """The present keys' formatted values joined by `sep`; None when none is present."""
+    return sep.join(fmt(info[k]) for k, fmt in formats.items() if k in info) or None
+
+  rows = {
+      "model params": lambda: joined("", params=lambda n: f"{format_si(n)} ({int(n):,})"),
+      "steps": lambda: joined(" / ", steps=str, total_steps=str),
+      "tokens seen": lambda: joined(" / ", tokens_real=lambda n: f"{format_si(n)} real",
+                                    tokens_total=lambda n: f"{format_si(n)} total"),
+      "pause fraction": lambda: joined("", pause_fraction=_pct),
+      "final train loss": lambda: joined("", final_train_loss=_loss),
+      "eval loss": lambda: joined(" -> ", first_eval_loss=_loss, final_eval_loss=_loss),
+      "eval accuracy": lambda: joined(" -> ", first_eval_accuracy=_pct, final_eval_accuracy=_pct),
+      "wall time": lambda: joined("", wall_seconds=format_duration),
+      "throughput": lambda: joined("", tokens_per_sec=lambda x: f"{format_si(x)} tokens/s"),
+      "MFU": lambda: joined("", mfu=_pct),
+      "peak FLOP/s": lambda: joined(", ", peak_flops=lambda x: f"{format_si(x)}FLOP/s per device",
+                                    peak_how=str),
+      "workdir": lambda: joined("", workdir=str),
+      "metrics": lambda: joined("", metrics_path=str),
+      "loss plot": lambda: joined("", plot_path=str),
+      "checkpoints": lambda: joined("", checkpoint_dir=str),
+      "tensorboard": lambda: joined("", tensorboard_dir=lambda d: f"tensorboard --logdir {d}"),
+  }
+  lines = []
+  for label, render in rows.items():
     try:
       text = render()
     except (TypeError, ValueError):  # A value of an unexpected type: flag it, do not crash.
       text = "? (unexpected value)"
     if text is not None:
       lines.append((label, text))
+  for key, value in info.items():
+    if key not in SUMMARY_KEYS:
+      lines.append((key, f"{value:.4g}" if isinstance(value, float) else str(value)))
 
-  def one(key: str, fmt: Callable[[Any], str]) -> Callable[[], str | None]:
-    return lambda: None if get(key) is None else fmt(get(key))
-
-  def both(a: str, b: str, fmt: Callable[[Any], str], sep: str) -> Callable[[], str | None]:
-    return lambda: sep.join(fmt(get(k)) for k in (a, b) if get(k) is not None) or None
-
-  add("model params", one("params", lambda n: f"{format_si(n)} ({int(n):,})"))
-  add("steps", both("steps", "total_steps", str, " / "))
-  add("tokens seen", lambda: " / ".join(
-      f"{format_si(get(key))} {label}" for key, label in (("tokens_real", "real"), ("tokens_total", "total"))
-      if get(key) is not None) or None)
-  add("pause fraction", one("pause_fraction", _pct))
-  add("final train loss", one("final_train_loss", _loss))
-  add("eval loss", lambda: _first_final(get("first_eval_loss"), get("final_eval_loss"), _loss))
-  add("eval accuracy", lambda: _first_final(get("first_eval_accuracy"), get("final_eval_accuracy"), _pct))
-  add("wall time", one("wall_seconds", format_duration))
-  add("throughput", one("tokens_per_sec", lambda x: f"{format_si(x)} tokens/s"))
-  add("MFU", one("mfu", _pct))
-  add("peak FLOP/s", both("peak_flops", "peak_how",
-                          lambda x: x if isinstance(x, str) else f"{format_si(x)}FLOP/s per device", ", "))
-  workdir = get("workdir")
-  tensorboard_dir = get("tensorboard_dir", workdir)
-  add("workdir", lambda: workdir)
-  add("metrics", lambda: get("metrics_path") or (workdir and os.path.join(workdir, METRICS_FILENAME)))
-  add("loss plot", lambda: get("plot_path") or (workdir and os.path.join(workdir, PLOT_FILENAME)))
-  add("checkpoints", lambda: get("checkpoint_dir"))
-  add("tensorboard", lambda: tensorboard_dir and f"tensorboard --logdir {tensorboard_dir}")
-  lines += [(k, str(v)) for k, v in info.items() if k not in SUMMARY_KEYS and v is not None]
-
-  width = max(len(label) for label, _ in lines) if lines else 0
+  width = max((len(label) for label, _ in lines), default=0)
   body = [f"{label:<{width}}  {text}" for label, text in lines]
   rule = "-" * max([len("run summary")] + [len(line) for line in body])
   return "\n".join([rule, "run summary", rule, *body, rule])

@@ -16,9 +16,9 @@ what it would alone. Segment id 0 marks padding; padding only sees padding.
 
 Initialisation: every kernel is truncated normal with variance 1/fan_in (fan_in = the contracted
 input dims). The two projections that write into the residual stream (attention output, MLP
-down) get a further 1/(2 * num_layers) variance factor, so the residual stream starts with about
-unit variance whatever the depth. The embedding uses fan_in = d_model, which gives logits of order
-1 when it is tied. RMSNorm scales start at 1.
+down) get a further 1/(2 * num_layers) variance factor, so the 2 * num_layers residual updates
+add up to O(1) variance whatever the depth (GPT-2 style). The embedding uses fan_in = d_model,
+which gives logits of order 1 when it is tied. RMSNorm scales start at 1.
 
 Sharding: every parameter carries logical axis names as the `out_sharding` metadata of its
 `nnx.Param` ('vocab', 'embed', 'heads', 'kv', 'mlp', 'norm'; see the shapes below). The params are
@@ -31,6 +31,7 @@ demand one). To place a model on a mesh, map the names to mesh axes:
 and create the state under `jax.jit(..., out_shardings=shardings)`. Without rules,
 `nnx.get_partition_spec` returns the logical names themselves. Every logical name must appear in
 the rules (map it to None to replicate): an unmapped name is passed through as a mesh axis name.
+`nnx.Optimizer` copies the metadata, so optimizer state gets the same names.
 
 Extension points: `Attention.__call__` takes positions and an explicit boolean mask built from
 token indices (not `is_causal`, which assumes square, aligned query/key blocks), so a KV-cache
@@ -58,7 +59,7 @@ _POSITIVE_INTS = ('num_layers', 'd_model', 'num_heads', 'head_dim', 'mlp_dim')
 def _to_dtype(name: str, value: Any) -> jnp.dtype:
   try:
     dtype = jnp.dtype(value)
-  except TypeError:
+  except (TypeError, ValueError):
     dtype = None
   if dtype is None or dtype.name not in _DTYPES:
     raise UsageError.setting(name, value, f"one of {', '.join(_DTYPES)}")
@@ -67,6 +68,10 @@ def _to_dtype(name: str, value: Any) -> jnp.dtype:
 
 def _is_positive_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +97,13 @@ class ModelConfig:
       if not _is_positive_int(getattr(self, field)):
         raise UsageError.setting(f'model.{field}', getattr(self, field), 'a positive integer')
     if self.head_dim % 2:
-      raise UsageError.setting('model.head_dim', self.head_dim, 'an even integer (RoPE rotates pairs)')
+      raise UsageError.setting('model.head_dim', self.head_dim,
+                               'an even integer (RoPE rotates pairs)')
     if not isinstance(self.tied_embeddings, bool):
       raise UsageError.setting('model.tied_embeddings', self.tied_embeddings, 'True or False')
-    if not self.rope_theta > 0:
+    if not _is_positive_number(self.rope_theta):
       raise UsageError.setting('model.rope_theta', self.rope_theta, 'a positive number')
-    if not self.norm_eps > 0:
+    if not _is_positive_number(self.norm_eps):
       raise UsageError.setting('model.norm_eps', self.norm_eps, 'a positive number')
     if self.max_len is not None and not _is_positive_int(self.max_len):
       raise UsageError.setting('model.max_len', self.max_len, 'a positive integer or None')
@@ -282,5 +288,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def abstract_state(cfg: ModelConfig) -> nnx.State:
-  """The model's parameter state as ShapeDtypeStructs (with sharding metadata); allocates nothing."""
+  """Parameter state as ShapeDtypeStructs, with the sharding metadata; allocates nothing."""
   return nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))

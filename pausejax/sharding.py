@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from pausejax.errors import UsageError
 
@@ -42,8 +42,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
   shape = mesh_shape(mesh_config, len(devices))
   if len(devices) == len(jax.devices()):
     # jax.make_mesh orders devices by the physical topology (ICI rings on TPU).
-    return jax.make_mesh(shape, MESH_AXES, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    # Auto axes: XLA's sharding propagation places activations; we annotate state and batch only.
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * 3)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def rules_dict(rules: Iterable[Sequence[Any]]) -> dict[str, Any]:

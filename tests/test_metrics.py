@@ -1,4 +1,4 @@
-"""Tests for pausejax.metrics: jsonl + TensorBoard output, resume truncation, ETA, MFU, plot, summary."""
+"""Tests for pausejax.metrics: jsonl + TensorBoard, resume truncation, ETA, MFU, plot, summary."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _lines(path):
 
 def test_write_appends_one_json_object_per_call(tmp_path):
   with metrics.MetricsLogger(str(tmp_path), total_steps=10) as logger:
-    logger.write(1, {"train_loss": np.float32(2.5), "tokens": np.int64(4096), "lr": jax.numpy.array(1e-3)})
+    logger.write(1, {"train_loss": np.float32(2.5), "tokens": np.int64(4096),
+                     "lr": jax.numpy.array(1e-3)})
     logger.write(2, {"train_loss": 2.25, "tokens": 8192})
   lines = _lines(tmp_path / metrics.METRICS_FILENAME)
   assert len(lines) == 2
@@ -63,7 +64,8 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
       str(tmp_path), size_guidance={event_accumulator.TENSORS: 0})
   acc.Reload()
   assert {"train_loss", "eval_accuracy"} <= set(acc.Tags()["tensors"])
-  loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors("train_loss")]
+  loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+          for e in acc.Tensors("train_loss")]
   assert loss == [(5, 3.5), (10, 3.0)]
 
 
@@ -193,7 +195,8 @@ def test_format_duration(seconds, text):
   assert metrics.format_duration(seconds) == text
 
 
-@pytest.mark.parametrize("x, text", [(812, "812"), (41234, "41.2k"), (999.7, "1k"), (1.5e6, "1.5M")])
+@pytest.mark.parametrize("x, text", [
+    (812, "812"), (41234, "41.2k"), (999.7, "1k"), (1.5e6, "1.5M")])
 def test_format_si(x, text):
   assert metrics.format_si(x) == text
 
@@ -219,7 +222,22 @@ def test_format_summary_shows_the_given_values(tmp_path):
 
 def test_format_summary_tolerates_missing_and_odd_values():
   text = metrics.format_summary({"final_eval_loss": 2.5, "mfu": None, "params": "many"})
-  assert "2.5000  (final)" in text
-  assert "MFU" not in text
-  assert "unexpected value" in text
+  rows = {line.split("  ")[0]: line for line in text.splitlines()}
+  assert "2.5000" in rows["eval loss"]
+  assert "MFU" not in rows
+  assert "unexpected value" in rows["model params"]
   assert "run summary" in metrics.format_summary({})
+
+
+def test_format_summary_accepts_other_names_and_nested_evals():
+  text = metrics.format_summary({
+      "train_loss": 2.75, "wall_time": 3780.0, "peak_source": "spec sheet: H100",
+      "first_eval": {"step": 100, "eval_loss": 4.5, "eval_accuracy": 0.2},
+      "final_eval": {"step": 600, "eval_loss": 3.25, "eval_accuracy": 0.4},
+      "real_tokens_per_sec": 1234.5678,
+  })
+  rows = {line.split("  ")[0]: line for line in text.splitlines()}
+  for label, expected in (("final train loss", "2.7500"), ("wall time", "1h03m"),
+                          ("peak FLOP/s", "spec sheet: H100"), ("eval loss", "4.5000 -> 3.2500"),
+                          ("eval accuracy", "20.0% -> 40.0%"), ("real_tokens_per_sec", "1235")):
+    assert expected in rows[label], (label, text)

@@ -1,0 +1,127 @@
+r"""Benchmark: train-step throughput and MFU, and input-pipeline throughput with/without pauses.
+
+    python -m pausejax.bench --config=configs/tiny.py [--train_steps=10] [--pipeline_batches=50]
+
+Train throughput uses random token batches of the config's shape (model speed alone); the
+pipeline figures run the real SeqIO pipeline of `config.task` at pause.rate 0 and at the config's
+rate. Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from pausejax import config as config_lib
+from pausejax import data as data_lib
+from pausejax import distributed
+from pausejax import metrics
+from pausejax import model as model_lib
+from pausejax import sharding
+from pausejax import specials
+from pausejax import train as train_lib
+from pausejax.errors import UsageError
+from pausejax.errors import run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps (after 2 warm-up).")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 50,
+                                         "Timed input batches per pipeline (after 5 warm-up).")
+_JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+
+
+def bench_train(config, vocab_size: int, pause_id: int, steps: int) -> dict[str, float]:
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_dict(config.logical_axis_rules)
+  model_cfg = model_lib.ModelConfig.from_config(config.model, specials.padded_vocab_size(vocab_size))
+  graphdef, abstract_params = train_lib.abstract_model(model_cfg)
+  specs = train_lib.param_logical_specs(abstract_params)
+  tx, schedule = train_lib.make_optimizer(config.optimizer, max(config.num_train_steps, 1), specs)
+  init_state, _, shardings = train_lib.make_state(
+      model_cfg, tx, config.seed, sharding.named_shardings(specs, mesh, rules), mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  state = jax.jit(init_state, out_shardings=shardings)()
+  step_fn = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id),
+                    in_shardings=(shardings, batch_sharding), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  shape = (config.global_batch_size, config.seq_len)
+  tokens = rng.integers(3, pause_id, size=shape, dtype=np.int32)
+  batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, axis=1),
+           "decoder_loss_weights": np.ones(shape, np.int32)}
+  batch = jax.device_put(batch, batch_sharding)
+  for _ in range(2):  # Compile and warm up.
+    state, m = step_fn(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step_fn(state, batch)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t0) / steps
+  peak, source = metrics.peak_flops_per_device()
+  flops = model_lib.flops_per_token(model_cfg, config.seq_len) * shape[0] * shape[1]
+  return {
+      "params": model_lib.count_params(model_cfg),
+      "step_time_s": dt,
+      "train_tokens_per_sec": shape[0] * shape[1] / dt,
+      "train_tokens_per_sec_per_device": shape[0] * shape[1] / dt / jax.device_count(),
+      "mfu": metrics.mfu(flops, dt, jax.device_count(), peak),
+      "peak_flops_per_device": peak,
+      "peak_source": source,
+  }
+
+
+def bench_pipeline(config, rate: float, batches: int) -> float:
+  """Tokens/s of the batched model features (all positions, pauses included)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.pause.rate = rate
+  data = data_lib.prepare(config)
+  it = iter(data_lib.dataset(data, config, train=True))
+  for _ in range(5):
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    batch = next(it)
+  batch["decoder_target_tokens"].numpy()
+  dt = time.perf_counter() - t0
+  return batches * config.global_batch_size * config.seq_len / dt
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}")
+  distributed.initialize()
+  config = _CONFIG.value
+  if config is None:
+    raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
+  config_lib.validate(config)
+  data = data_lib.prepare(config)
+  results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+             "config": {"seq_len": config.seq_len, "global_batch_size": config.global_batch_size,
+                        "pause_rate": config.pause.rate, "task": config.task}}
+  results.update(bench_train(config, data.vocabulary.vocab_size, data.pause_id, _TRAIN_STEPS.value))
+  results["pipeline_tokens_per_sec_no_pauses"] = bench_pipeline(config, 0.0, _PIPELINE_BATCHES.value)
+  results["pipeline_tokens_per_sec_pauses"] = bench_pipeline(
+      config, config.pause.rate, _PIPELINE_BATCHES.value)
+  print(f"device             {results['device']}")
+  print(f"model              {results['params'] / 1e6:.2f}M params, batch "
+        f"{config.global_batch_size} x {config.seq_len}")
+  print(f"train              {results['train_tokens_per_sec']:,.0f} tokens/s "
+        f"({results['step_time_s'] * 1e3:.0f} ms/step)")
+  print(f"MFU                {100 * results['mfu']:.1f}% (peak {results['peak_flops_per_device']:.3g}"
+        f" FLOP/s per device, {results['peak_source']})")
+  print(f"pipeline, rate 0   {results['pipeline_tokens_per_sec_no_pauses']:,.0f} tokens/s")
+  print(f"pipeline, rate {config.pause.rate:<4g}{results['pipeline_tokens_per_sec_pauses']:,.0f} tokens/s")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  run(main)
