@@ -6,6 +6,7 @@ Every command-line entry point runs through `run`, so a bad setting anywhere pri
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Callable
 
@@ -23,13 +24,28 @@ class UsageError(Exception):
     return cls(f"{name}={value!r} is invalid: {valid}")
 
 
+def _one_line(text: str) -> str:
+  return " ".join(text.replace("\\n", " ").split())
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:  # Unknown flag, bad --config.key override, missing config file...
-    message = " ".join(str(e).split())
-    sys.stderr.write(f"error: {message}\nPass --help to see the flags.\n")
-    sys.exit(EXIT_USAGE)
+  except flags.Error as e:  # Unknown flag, badly typed --config.key=value...
+    message = _one_line(str(e))
+  except (KeyError, AttributeError) as e:  # ml_collections: --config.<key> that does not exist.
+    detail = _one_line(str(e.args[0] if e.args else e)).replace("\\", "")
+    key = re.findall(r"'([^']+)'", detail)[:1] or [""]
+    key = key[0]
+    culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                    and key in a.split("=")[0].split(".")), "a --config.key override")
+    hint = re.search(r'Did you mean "([^"]+)"', detail)
+    message = f"{culprit} names no config key" + (
+        f'; did you mean "{hint.group(1)}"?' if hint else "; see the config file for valid keys")
+  except OSError as e:  # --config=<file> that cannot be read.
+    message = _one_line(str(e))
+  sys.stderr.write(f"error: {message}\nPass --help to see the flags.\n")
+  sys.exit(EXIT_USAGE)
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
@@ -41,6 +57,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
     except UsageError as e:
       sys.stderr.write(f"error: {e}\n")
       sys.stderr.flush()
+      sys.exit(EXIT_USAGE)
+    except OSError as e:
+      if "config file" not in str(e):  # config_flags reports a bad --config=<file> lazily.
+        raise
+      reason = re.findall(r"\[Errno \d+\] [^\n]+", str(e)) or [_one_line(str(e))]
+      sys.stderr.write(f"error: --config: cannot load the config file: {reason[-1]}\n")
       sys.exit(EXIT_USAGE)
 
   app.run(guarded, flags_parser=_parse_flags)

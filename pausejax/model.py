@@ -33,9 +33,17 @@ and create the state under `jax.jit(..., out_shardings=shardings)`. Without rule
 the rules (map it to None to replicate): an unmapped name is passed through as a mesh axis name.
 `nnx.Optimizer` copies the metadata, so optimizer state gets the same names.
 
+KV cache (decoding): `Decoder.prefill(tokens_BxL, lengths_B, max_len)` runs a right-padded batch
+of prompts once and returns the next-token logits after each prompt plus a `KVCache` of `max_len`
+slots; `Decoder.decode_step(tokens_B, cache)` appends one token per row and returns the logits for
+the next one. The cache is an explicit pytree (arrays in, arrays out), so both jit with fixed
+shapes: one compiled prefill and one compiled step serve every prompt length up to `max_len`.
+Row b's token at position p lives in slot p; a query at position p sees slots <= p, so slots beyond
+a row's length (padding, stale values) are never read. Keys are cached after RoPE.
+
 Extension points: `Attention.__call__` takes positions and an explicit boolean mask built from
-token indices (not `is_causal`, which assumes square, aligned query/key blocks), so a KV-cache
-decode path only adds cache variables and a mask over cached positions. Blocks are identical
+token indices (not `is_causal`, which assumes square, aligned query/key blocks); the cache path
+`Attention.cached` reuses the same projections with a mask over cache slots. Blocks are identical
 modules with a (x, positions, mask) -> x interface, ready for `nnx.scan` over stacked layers
 (`nnx.PARTITION_NAME: 'layers'` adds the stacked axis to the names) and for `nnx.remat`.
 """
@@ -184,16 +192,43 @@ class Attention(nnx.Module):
         _kernel(rngs, (h, k, d), (0, 1), 2, pd, scale=1 / (2 * cfg.num_layers)),
         ('heads', 'kv', 'embed'))
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL) -> jax.Array:
+  def _project(self, x_BxLxD, positions_BxL):
+    """Queries, keys (both rotated) and values."""
     dtype = self.cfg.dtype
     q_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.query[...].astype(dtype))
     k_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.key[...].astype(dtype))
     v_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.value[...].astype(dtype))
     q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.cfg.rope_theta)
     k_BxLxHxK = apply_rope(k_BxLxHxK, positions_BxL, self.cfg.rope_theta)
+    return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
+
+  def _attend(self, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS) -> jax.Array:
     # Scores and softmax run in float32 inside; scale 1/sqrt(K).
-    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL)
-    return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, self.out[...].astype(dtype))
+    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS)
+    return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, self.out[...].astype(self.cfg.dtype))
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL) -> jax.Array:
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._project(x_BxLxD, positions_BxL)
+    return self._attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
+
+  def cached(self, x_BxLxD, start_B, keys_BxSxHxK, values_BxSxHxK):
+    """Attention of L new tokens per row over the cache; returns (output, keys, values).
+
+    Row b's new tokens take positions, and cache slots, start_B[b] + [0, L); each attends to
+    every slot up to its own position. The caller keeps start_B + L <= S (a write past the end
+    would be clamped onto the last slots).
+    """
+    length, slots = x_BxLxD.shape[1], keys_BxSxHxK.shape[1]
+    positions_BxL = start_B[:, None] + jnp.arange(length)
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._project(x_BxLxD, positions_BxL)
+    # Per-row write offset: vmap turns the slice update into a scatter.
+    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
+        cache, new.astype(cache.dtype), start, axis=0))
+    keys_BxSxHxK = write(keys_BxSxHxK, k_BxLxHxK, start_B)
+    values_BxSxHxK = write(values_BxSxHxK, v_BxLxHxK, start_B)
+    mask_Bx1xLxS = (jnp.arange(slots)[None, None, :] <= positions_BxL[:, :, None])[:, None]
+    out_BxLxD = self._attend(q_BxLxHxK, keys_BxSxHxK, values_BxSxHxK, mask_Bx1xLxS)
+    return out_BxLxD, keys_BxSxHxK, values_BxSxHxK
 
 
 class Mlp(nnx.Module):
@@ -228,6 +263,25 @@ class Block(nnx.Module):
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
+  def cached(self, x_BxLxD, start_B, keys_BxSxHxK, values_BxSxHxK):
+    """`__call__` over new tokens with a KV cache (see `Attention.cached`)."""
+    attn_BxLxD, keys_BxSxHxK, values_BxSxHxK = self.attn.cached(
+        self.attn_norm(x_BxLxD), start_B, keys_BxSxHxK, values_BxSxHxK)
+    x_BxLxD = x_BxLxD + attn_BxLxD
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), keys_BxSxHxK, values_BxSxHxK
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer in S slots per row; a pytree, so it jits and loops.
+
+  Row b holds lengths_B[b] tokens, at positions (= slots) 0 .. lengths_B[b] - 1.
+  """
+  keys: tuple[jax.Array, ...]    # One BxSxHxK array per layer, after RoPE.
+  values: tuple[jax.Array, ...]  # One BxSxHxK array per layer.
+  lengths_B: jax.Array           # int32.
+
 
 class Decoder(nnx.Module):
   """The language model: tokens -> float32 next-token logits."""
@@ -251,17 +305,63 @@ class Decoder(nnx.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
     mask_Bx1xLxL = attention_mask(length, segment_ids_BxL)
 
-    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(cfg.dtype)
+    x_BxLxD = self._embed(tokens_BxL)
     for block in self.blocks:
       x_BxLxD = block(x_BxLxD, positions_BxL, mask_Bx1xLxL)
-    x_BxLxD = self.final_norm(x_BxLxD)
+    return self._logits(x_BxLxD)
 
+  def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
+    return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
+
+  def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Final norm and output projection."""
+    dtype = self.cfg.dtype
+    x_BxLxD = self.final_norm(x_BxLxD)
     # Accumulate logits in float32: they feed the softmax cross-entropy.
     if self.unembed is None:
-      return jnp.einsum('bld,vd->blv', x_BxLxD, self.embed[...].astype(cfg.dtype),
+      return jnp.einsum('bld,vd->blv', x_BxLxD, self.embed[...].astype(dtype),
                         preferred_element_type=jnp.float32)
-    return jnp.einsum('bld,dv->blv', x_BxLxD, self.unembed[...].astype(cfg.dtype),
+    return jnp.einsum('bld,dv->blv', x_BxLxD, self.unembed[...].astype(dtype),
                       preferred_element_type=jnp.float32)
+
+  # --- KV-cache decoding ----------------------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache of `max_len` slots per row."""
+    cfg = self.cfg
+    if cfg.max_len is not None and max_len > cfg.max_len:
+      raise ValueError(f'cache length {max_len} exceeds max_len {cfg.max_len}')
+    shape = (batch_size, max_len, cfg.num_heads, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+    return KVCache(keys=zeros(), values=zeros(), lengths_B=jnp.zeros((batch_size,), jnp.int32))
+
+  def _extend(self, tokens_BxL: jax.Array, cache: KVCache):
+    """Runs L new tokens per row after each row's cached ones: (hidden BxLxD, filled cache)."""
+    x_BxLxD = self._embed(tokens_BxL)
+    keys, values = [], []
+    for block, k_BxSxHxK, v_BxSxHxK in zip(self.blocks, cache.keys, cache.values):
+      x_BxLxD, k_BxSxHxK, v_BxSxHxK = block.cached(x_BxLxD, cache.lengths_B, k_BxSxHxK, v_BxSxHxK)
+      keys.append(k_BxSxHxK)
+      values.append(v_BxSxHxK)
+    return x_BxLxD, KVCache(tuple(keys), tuple(values), cache.lengths_B)
+
+  def prefill(self, tokens_BxL: jax.Array, lengths_B: jax.Array, max_len: int):
+    """Runs right-padded prompts: (next-token logits BxV after each prompt, KVCache).
+
+    Row b's prompt is tokens_BxL[b, :lengths_B[b]] (lengths >= 1, L <= max_len); the tokens
+    after it are ignored (they land in slots that the row's later tokens overwrite).
+    """
+    batch = tokens_BxL.shape[0]
+    x_BxLxD, cache = self._extend(tokens_BxL, self.init_cache(batch, max_len))
+    last_Bx1xD = jnp.take_along_axis(x_BxLxD, (lengths_B - 1)[:, None, None], axis=1)
+    cache = dataclasses.replace(cache, lengths_B=lengths_B.astype(jnp.int32))
+    return self._logits(last_Bx1xD)[:, 0], cache
+
+  def decode_step(self, tokens_B: jax.Array, cache: KVCache):
+    """Appends one token per row: (next-token logits BxV, KVCache). Needs lengths_B < S."""
+    x_Bx1xD, cache = self._extend(tokens_B[:, None], cache)
+    cache = dataclasses.replace(cache, lengths_B=cache.lengths_B + 1)
+    return self._logits(x_Bx1xD)[:, 0], cache
 
 
 def count_params(cfg: ModelConfig) -> int:

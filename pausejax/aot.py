@@ -1,0 +1,350 @@
+r"""Compile the real train step for a TPU topology, ahead of time, on a machine without TPUs.
+
+    python -m pausejax.aot --config=configs/c4_130m.py --topology=v5p:2x2x1 \
+        [--num_slices=2] [--mfu=0.4] [--config.key=value ...]
+
+libtpu (`pip install -c constraints.txt -e '.[tpu]'`) describes the chips of a topology without
+any being present. On them this builds the config's mesh, the train state and batch as shapes
+with shardings (nothing is allocated, no data is read) and lowers and compiles the same jitted
+train step as `pausejax.train` (same in/out shardings, state donated). It prints:
+
+  * HBM per chip from the compiled executable: arguments, outputs, aliased (donated state reused
+    for the new state), temporaries, generated code and their total, against the chip's HBM;
+  * FLOPs per step from the compiled executable and from `model.flops_per_token` x tokens;
+  * the step time and tokens/s that the given MFU (default 40%) would give at the chip's bf16 peak.
+
+It exits 2 with one line when the train step does not fit in HBM (with settings to try) or the
+topology is malformed. Topologies are GENERATION:CHIPS_PER_AXIS, named like Cloud TPU's
+`--topology`: v4:2x2x1 (v4-8), v5p:2x2x1 (v5p-8), v5p:4x4x4 (v5p-128), v5e:2x4 (v5e-8),
+v6e:2x2 (v6e-4). `--num_slices=N` compiles for N such slices joined over the data-centre network
+(DCN); the config's `mesh.data` axis then spans the slices and must be a multiple of N.
+
+Vocabulary: the embedding has `padded_vocab_size(base + 3 specials)` rows. `base` is read from
+`vocab_path` when it is a local file; for remote paths (gs://...) it is `--vocab_size`, whose
+default 32000 is T5's cc_all.32000, the vocabulary of configs/c4_*.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+from ml_collections import config_flags
+
+from pausejax import config as config_lib
+from pausejax import data as data_lib
+from pausejax import metrics
+from pausejax import model as model_lib
+from pausejax import sharding
+from pausejax import specials
+from pausejax import train as train_lib
+from pausejax.errors import UsageError
+from pausejax.errors import run
+
+# pausejax.train defines its own --config and --workdir when imported; this is another CLI.
+for _name in ("config", "workdir"):
+  if _name in flags.FLAGS:
+    delattr(flags.FLAGS, _name)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file in configs/ (e.g. configs/c4_130m.py). Override any "
+    "key with --config.key=value, e.g. --config.mesh.fsdp=4.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU slice to compile for: GENERATION:CHIPS_PER_AXIS, e.g. v5p:2x2x1, "
+    "v5e:2x4, v4:2x2x1, v6e:2x2 (v4/v5p: 3 axes, v5e/v6e: 2).")
+_NUM_SLICES = flags.DEFINE_integer(
+    "num_slices", 1, "Number of such slices joined over DCN; mesh.data spans them.")
+_MFU = flags.DEFINE_float(
+    "mfu", 0.4, "Model FLOPs utilization (0-1] assumed for the predicted step time and tokens/s.")
+_VOCAB_SIZE = flags.DEFINE_integer(
+    "vocab_size", 32000, "Base vocabulary size assumed when vocab_path is not a local file "
+    "(32000: T5's cc_all.32000).")
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation as libtpu names it, and its HBM per chip."""
+  libtpu_name: str
+  num_axes: int
+  chip_config: str        # 'megacore': one jax device per chip (v4, v5p: two TensorCores fused).
+  accelerator_type: str   # Cloud TPU accelerator type for N chips, e.g. 'v5p-{cores}'.
+  hbm_gib: float          # Spec sheet (cloud.google.com/tpu/docs/<generation>).
+  usable_hbm_gib: float   # What libtpu 0.0.42.1's compiler accepts (its out-of-memory error).
+
+
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", 3, "megacore", "v4-{cores}", 32, 30.75),
+    "v5e": Chip("v5e", 2, "default", "v5litepod-{chips}", 16, 15.75),
+    "v5p": Chip("v5p", 3, "megacore", "v5p-{cores}", 95, 95.74),
+    "v6e": Chip("v6e", 2, "default", "v6e-{chips}", 32, 31.25),
+}
+_TOPOLOGY_FORM = ("GENERATION:CHIPS_PER_AXIS with generation v4, v5e, v5p or v6e, e.g. v5p:2x2x1, "
+                  "v5e:2x4, v4:2x2x1 (v4/v5p: 3 axes, v5e/v6e: 2)")
+
+
+def parse_topology(value: str | None) -> tuple[str, tuple[int, ...]]:
+  """'v5p:2x2x1' -> ('v5p', (2, 2, 1)); UsageError naming --topology otherwise."""
+  match = re.fullmatch(r"(v\w+):(\d+(?:x\d+)*)", (value or "").strip())
+  if not match or match.group(1) not in CHIPS:
+    raise UsageError.setting("--topology", value, _TOPOLOGY_FORM)
+  generation = match.group(1)
+  axes = tuple(int(a) for a in match.group(2).split("x"))
+  if len(axes) != CHIPS[generation].num_axes or min(axes) < 1:
+    raise UsageError.setting("--topology", value, _TOPOLOGY_FORM)
+  return generation, axes
+
+
+def topology_devices(generation: str, axes: tuple[int, ...], num_slices: int = 1) -> list[Any]:
+  """Compile-only devices of `num_slices` slices of this topology (needs libtpu, no TPU)."""
+  chip = CHIPS[generation]
+  chips = math.prod(axes)
+  # There is no TPU VM metadata here; without these libtpu logs errors about the hostnames and
+  # accelerator type it could not find (the devices it describes do not depend on them).
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE",
+                        chip.accelerator_type.format(chips=chips, cores=2 * chips))
+  from jax.experimental import topologies
+  name = f"{chip.libtpu_name}:{'x'.join(map(str, axes))}"
+  kwargs = {"chip_config_name": chip.chip_config}
+  if num_slices > 1:
+    kwargs["num_slices"] = num_slices
+  try:
+    return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+  except RuntimeError as e:  # JaxRuntimeError is one; so is "JAX TPU support not installed".
+    message = " ".join(str(e).split())
+    if "not installed" in message:
+      raise UsageError.setting("--topology", name, "compiling for TPU needs libtpu: pip install "
+                               "-c constraints.txt -e '.[tpu]'") from e
+    raise UsageError.setting("--topology", name, f"libtpu rejects it ({message}); "
+                             f"{_TOPOLOGY_FORM}") from e
+
+
+def make_mesh(mesh_config, devices: list[Any], num_slices: int = 1) -> Mesh:
+  """The config's (data, fsdp, tensor) mesh over topology devices; data spans the slices."""
+  shape = sharding.mesh_shape(mesh_config, len(devices))
+  axis_types = (AxisType.Auto,) * len(sharding.MESH_AXES)
+  if num_slices == 1:  # Device order follows the ICI torus, as on the real slice.
+    return jax.make_mesh(shape, sharding.MESH_AXES, axis_types, devices=devices)
+  data, fsdp, tensor = shape
+  if data % num_slices:
+    raise UsageError.setting(
+        "mesh.data", data, f"must be a multiple of --num_slices={num_slices}: the data axis spans "
+        f"the slices over DCN (e.g. --config.mesh.data={num_slices} --config.mesh.fsdp=-1)")
+  grid = mesh_utils.create_hybrid_device_mesh(
+      (data // num_slices, fsdp, tensor), (num_slices, 1, 1), devices)
+  return Mesh(grid, sharding.MESH_AXES, axis_types=axis_types)
+
+
+def vocab_rows(config, assumed_base: int = 32000) -> tuple[int, int, str]:
+  """(embedding rows, base vocabulary size, where the base size came from)."""
+  path = data_lib.vocab_path(config)
+  if "://" in path:
+    base, source = assumed_base, f"assumed for remote {path}"
+  else:
+    base, source = specials.load_vocabulary(path).base_vocab_size, path
+  return specials.padded_vocab_size(base + len(specials.SPECIAL_TOKENS)), base, source
+
+
+def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one global batch of the features `pausejax.data` produces."""
+  names = ["decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"]
+  if config.pack:
+    names += ["decoder_segment_ids", "decoder_positions"]
+  shape = (config.global_batch_size, config.seq_len)
+  return {n: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding) for n in names}
+
+
+def bytes_per_device(abstract_tree) -> int:
+  """Bytes of one device's shards of a pytree of sharded ShapeDtypeStructs."""
+  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+             for a in jax.tree.leaves(abstract_tree))
+
+
+@dataclasses.dataclass
+class Report:
+  topology: str
+  num_slices: int
+  device_kind: str
+  num_chips: int
+  mesh: dict[str, int]
+  params: int
+  vocab: tuple[int, int, str]
+  tokens_per_step: int
+  memory: dict[str, int]        # Per chip, bytes; 'total' = the others summed (aliased negative).
+  hbm_gib: float
+  usable_hbm_gib: float
+  flops_compiled: float         # Whole step, all chips.
+  flops_analytic: float
+  peak_name: str
+  peak_per_chip: float
+  mfu: float
+  lower_s: float
+  compile_s: float
+
+  @property
+  def step_time(self) -> float:
+    return self.flops_analytic / (self.mfu * self.peak_per_chip * self.num_chips)
+
+
+def _fit_suggestions(config, mesh: Mesh, batch_shards: int, num_slices: int) -> list[str]:
+  out = []
+  chips = mesh.devices.size
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] < chips // num_slices:
+    out.append(f"--config.mesh.data={num_slices} --config.mesh.fsdp=-1 (shard parameters and "
+               f"optimizer state over the {chips // num_slices} chips of each slice)")
+  if "remat" in config.model and not config.model.remat:
+    out.append("--config.model.remat=True (recompute activations in the backward pass)")
+  if config.model.dtype == "float32":
+    out.append("--config.model.dtype=bfloat16 (half-size activations)")
+  half = config.global_batch_size // 2
+  if half >= batch_shards and half % batch_shards == 0:
+    out.append(f"--config.global_batch_size={half} (fewer tokens per step)")
+  out.append("more chips (a larger --topology or --num_slices)")
+  return out
+
+
+def _too_big(config, topology, mesh, batch_shards, num_slices, needed_gib, state_gib, chip):
+  return UsageError(
+      f"the train step needs {needed_gib:.2f} GiB of HBM per chip on {topology} (train state "
+      f"{state_gib:.2f} GiB of it) but a {topology.split(':')[0]} chip has "
+      f"{chip.usable_hbm_gib:g} GiB usable; try: "
+      + "; or ".join(_fit_suggestions(config, mesh, batch_shards, num_slices)))
+
+
+def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 0.4,
+                       assumed_vocab: int = 32000) -> Report:
+  """Lowers and compiles `pausejax.train`'s train step for `topology`; raises UsageError."""
+  config_lib.validate(config)
+  if num_slices < 1:
+    raise UsageError.setting("--num_slices", num_slices, "a positive integer")
+  if not 0 < mfu <= 1:
+    raise UsageError.setting("--mfu", mfu, "a fraction in (0, 1], e.g. 0.4")
+  generation, axes = parse_topology(topology)
+  chip = CHIPS[generation]
+  devices = topology_devices(generation, axes, num_slices)
+
+  # Mesh, model, optimizer and state exactly as train.train_and_evaluate builds them.
+  mesh = make_mesh(config.mesh, devices, num_slices)
+  rules = sharding.rules_dict(config.logical_axis_rules)
+  sharding.check_batch_divisible(config.global_batch_size, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  rows, base, source = vocab_rows(config, assumed_vocab)
+  model_cfg = model_lib.ModelConfig.from_config(config.model, rows)
+  graphdef, abstract_params = train_lib.abstract_model(model_cfg)
+  param_specs = train_lib.param_logical_specs(abstract_params)
+  param_shardings = sharding.named_shardings(param_specs, mesh, rules)
+  tx, schedule = train_lib.make_optimizer(config.optimizer, config.num_train_steps, param_specs)
+  _, abstract_state, state_shardings = train_lib.make_state(model_cfg, tx, config.seed,
+                                                            param_shardings, mesh)
+  pause_id = base + specials.SPECIAL_TOKENS.index(specials.PAUSE)
+  train_step = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id),
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, state_shardings["step"]), donate_argnums=0)
+
+  batch_spec = sharding.logical_to_mesh(("batch",), rules)[0]
+  batch_axes = batch_spec if isinstance(batch_spec, tuple) else (batch_spec,) if batch_spec else ()
+  batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
+  state_gib = bytes_per_device(abstract_state) / GiB
+
+  t0 = time.perf_counter()
+  lowered = train_step.lower(abstract_state, abstract_batch(config, batch_sharding))
+  t1 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    found = re.search(r"required.*?\(([\d.]+)G\).*?available HBM \(([\d.]+)G\)", str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+      raise
+    raise _too_big(config, topology, mesh, batch_shards, num_slices, float(found.group(1)),
+                   state_gib, chip) from None
+  t2 = time.perf_counter()
+
+  stats = compiled.memory_analysis()
+  memory = {
+      "arguments": stats.argument_size_in_bytes,
+      "outputs": stats.output_size_in_bytes,
+      "aliased": -stats.alias_size_in_bytes,  # Donated state buffers reused for the new state.
+      "temporaries": stats.temp_size_in_bytes,
+      "generated code": stats.generated_code_size_in_bytes,
+  }
+  memory["total"] = sum(memory.values())
+  if memory["total"] > chip.usable_hbm_gib * GiB:
+    raise _too_big(config, topology, mesh, batch_shards, num_slices, memory["total"] / GiB,
+                   state_gib, chip)
+
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # Older jax: one dict per module.
+  tokens = config.global_batch_size * config.seq_len
+  kind = devices[0].device_kind
+  peak = metrics.lookup_peak_flops(kind)
+  if peak is None:
+    raise UsageError.setting("--topology", topology, f"no bf16 peak known for {kind!r}")
+  return Report(
+      topology=topology, num_slices=num_slices, device_kind=kind, num_chips=len(devices),
+      mesh=dict(mesh.shape), params=model_lib.count_params(model_cfg),
+      vocab=(rows, base, source), tokens_per_step=tokens, memory=memory,
+      hbm_gib=chip.hbm_gib, usable_hbm_gib=chip.usable_hbm_gib,
+      # cost_analysis counts one device's share of the SPMD program.
+      flops_compiled=float(cost["flops"]) * len(devices),
+      flops_analytic=model_lib.flops_per_token(model_cfg, config.seq_len) * tokens,
+      peak_name=peak[0], peak_per_chip=peak[1], mfu=mfu, lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def format_report(r: Report) -> str:
+  slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
+  rows, base, source = r.vocab
+  lines = [
+      f"topology: {r.topology}{slices} = {r.num_chips} x {r.device_kind} chips | mesh "
+      + " ".join(f"{k}={v}" for k, v in r.mesh.items()),
+      f"model: {r.params / 1e6:.1f}M params | vocab {rows} rows (base {base}, {source}; + "
+      f"{len(specials.SPECIAL_TOKENS)} specials, padded to 128)",
+      f"compile: lowered in {r.lower_s:.1f} s, compiled in {r.compile_s:.1f} s",
+      "HBM per chip (compiled.memory_analysis):",
+  ]
+  lines += [f"  {name + ':':<16}{_size(value):>12}" for name, value in r.memory.items()
+            if name != "total"]
+  total = r.memory["total"]
+  lines.append(f"  {'total:':<16}{_size(total):>12} of {r.usable_hbm_gib:g} GiB usable "
+               f"({r.hbm_gib:g} GiB HBM), {100 * total / (r.usable_hbm_gib * GiB):.1f}% used")
+  lines += [
+      f"FLOPs per step: {r.flops_compiled:.4g} compiled (cost_analysis x {r.num_chips} chips) | "
+      f"{r.flops_analytic:.4g} analytic (flops_per_token x {r.tokens_per_step} tokens) | "
+      f"ratio {r.flops_compiled / r.flops_analytic:.2f}",
+      f"at {100 * r.mfu:g}% MFU ({r.peak_name} bf16 peak {r.peak_per_chip / 1e12:g} TFLOP/s per "
+      f"chip): step time {r.step_time:.4g} s | {r.tokens_per_step / r.step_time:.4g} tokens/s",
+  ]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value")
+  if _CONFIG.value is None:
+    raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/c4_130m.py")
+  # Everything runs on the host CPU; the TPU devices come from libtpu's topology description.
+  jax.config.update("jax_platforms", "cpu")
+  report = compile_train_step(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _MFU.value,
+                              _VOCAB_SIZE.value)
+  print(format_report(report), flush=True)
+
+
+if __name__ == "__main__":
+  run(main)

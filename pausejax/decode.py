@@ -1,0 +1,308 @@
+"""Pause-aware batched decoding with a KV cache.
+
+    out = generate(model, [[17, 4, 99], [8, 9]], max_new_tokens=32, num_pauses=10,
+                   pause_id=vocab.pause_id, eos_id=vocab.eos_id, max_len=256)
+    out.tokens  # One answer per prompt: token ids, no <pause>, no EOS.
+
+Inference as in Goyal et al. 2023: every prompt gets `num_pauses` `<pause>` ids appended, the model
+reads prompt + pauses, and the answer is what it produces after the last pause. Its outputs at the
+prompt and pause positions are ignored: they are never sampled.
+
+Pauses the model emits itself: training puts no loss on `<pause>` targets, so a trained model
+rarely predicts one. If it does during the answer, the pause is fed back like any other token (the
+model gets one more column of computation, which is what a pause is for) but is left out of the
+returned answer, and it counts toward `max_new_tokens`. Counting it keeps every row within
+prompt + num_pauses + max_new_tokens positions, which is exactly what the cache must hold.
+
+Fixed shapes: the prompts are right-padded into one [B, max_len] block, prefilled once, then one
+compiled step per token runs inside `jax.lax.while_loop`, which ends when every row has produced
+EOS or after `max_new_tokens` steps. A row that hits EOS idles (its later samples are discarded).
+One compilation serves every prompt length for a given batch size, max_len, max_new_tokens and
+sampler.
+
+Sampling: temperature 0 is greedy (argmax). Otherwise logits / temperature, then top-k (0 = off),
+then nucleus top-p (1.0 = off), then a categorical draw with key `fold_in(key(seed), step)`, so one
+seed gives the same tokens with and without the cache. Embedding rows at or beyond `vocab_size`
+(padding up to a multiple of 128) are never sampled.
+
+`generate_without_cache` is the reference: the same loop, but every step runs the full model over
+the whole [B, max_len] token buffer and reads the logits after each row's last token.
+`benchmark` times both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pausejax import model as model_lib
+from pausejax.errors import UsageError
+
+_NOT_GENERATED = -1  # Output slots after a row stopped (and ids never produced by the model).
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How a token is drawn from the next-token logits (hashable: it selects the compiled loop)."""
+  temperature: float = 0.0  # 0: greedy.
+  top_k: int = 0            # Keep the k most likely ids (0: all).
+  top_p: float = 1.0        # Keep the smallest set of ids whose probability reaches top_p.
+
+  def __post_init__(self):
+    if not _is_number(self.temperature) or self.temperature < 0:
+      raise UsageError.setting("temperature", self.temperature, "a number >= 0 (0 = greedy)")
+    if not _is_int(self.top_k) or self.top_k < 0:
+      raise UsageError.setting("top_k", self.top_k, "an integer >= 0 (0 = off)")
+    if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+      raise UsageError.setting("top_p", self.top_p, "a number in (0, 1] (1 = off)")
+
+
+@dataclasses.dataclass
+class Generation:
+  """The result for a batch of prompts; lists are per prompt, in order."""
+  tokens: list[list[int]]      # The answers: no <pause>, no EOS.
+  raw_tokens: list[list[int]]  # Everything sampled after the appended pauses, EOS included.
+  stopped_at_eos: list[bool]
+  inputs: list[list[int]]      # What the model read before the answer: prompt + pauses.
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling.
+
+def sample(logits_BxV: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
+  """One token id per row (int32)."""
+  if sampler.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / sampler.temperature
+  if sampler.top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, min(sampler.top_k, logits_BxV.shape[-1]))[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+  if sampler.top_p < 1:
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # Descending.
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep an id while the mass of the ids before it is below top_p: the top id always stays.
+    keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < sampler.top_p
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding loops (jit-compiled; the model travels as graphdef + state).
+
+def _decode_loop(advance: Callable, model_state: Any, logits_BxV: jax.Array, key: jax.Array,
+                 eos_id: jax.Array, vocab_size: jax.Array, max_new_tokens: int,
+                 sampler: Sampler) -> jax.Array:
+  """Samples up to max_new_tokens per row: BxN ids, _NOT_GENERATED after a row's EOS.
+
+  `advance(tokens_B, model_state) -> (logits_BxV, model_state)` feeds the sampled ids back.
+  """
+  batch, vocab = logits_BxV.shape
+  valid_V = jnp.arange(vocab) < vocab_size
+
+  def cond(carry):
+    step, _, _, done_B, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    step, logits_BxV, model_state, done_B, out_BxN = carry
+    logits_BxV = jnp.where(valid_V, logits_BxV, -jnp.inf)
+    tokens_B = sample(logits_BxV, jax.random.fold_in(key, step), sampler)
+    out_BxN = out_BxN.at[:, step].set(jnp.where(done_B, _NOT_GENERATED, tokens_B))
+    done_B = done_B | (tokens_B == eos_id)
+    logits_BxV, model_state = advance(tokens_B, model_state)
+    return step + 1, logits_BxV, model_state, done_B, out_BxN
+
+  carry = (jnp.zeros((), jnp.int32), logits_BxV, model_state, jnp.zeros((batch,), bool),
+           jnp.full((batch, max_new_tokens), _NOT_GENERATED, jnp.int32))
+  return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler"))
+def _generate_cached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_size, *,
+                     max_new_tokens: int, sampler: Sampler) -> jax.Array:
+  model = nnx.merge(graphdef, state)
+  logits_BxV, cache = model.prefill(inputs_BxS, lengths_B, inputs_BxS.shape[1])
+  return _decode_loop(model.decode_step, cache, logits_BxV, key, eos_id, vocab_size,
+                      max_new_tokens, sampler)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler"))
+def _generate_uncached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_size, *,
+                       max_new_tokens: int, sampler: Sampler) -> jax.Array:
+  model = nnx.merge(graphdef, state)
+  rows_B = jnp.arange(inputs_BxS.shape[0])
+
+  def logits_after(inputs_BxS, lengths_B):  # The full forward pass, every step.
+    return model(inputs_BxS)[rows_B, lengths_B - 1]
+
+  def advance(tokens_B, prefix):
+    inputs_BxS, lengths_B = prefix
+    inputs_BxS = inputs_BxS.at[rows_B, lengths_B].set(tokens_B)
+    return logits_after(inputs_BxS, lengths_B + 1), (inputs_BxS, lengths_B + 1)
+
+  return _decode_loop(advance, (inputs_BxS, lengths_B), logits_after(inputs_BxS, lengths_B), key,
+                      eos_id, vocab_size, max_new_tokens, sampler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+def with_pauses(prompts: Sequence[Sequence[int]], num_pauses: int, pause_id: int) -> list[list[int]]:
+  """Each prompt followed by `num_pauses` pause ids: what the model reads before answering."""
+  if not _is_int(num_pauses) or num_pauses < 0:
+    raise UsageError.setting("num_pauses", num_pauses, "an integer >= 0")
+  return [[int(t) for t in p] + [int(pause_id)] * num_pauses for p in prompts]
+
+
+def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
+                   max_new_tokens: int, num_pauses: int, pause_id: int, max_len: int,
+                   vocab_size: int | None = None):
+  """Validates a request; returns (rows = prompt + pauses, padded inputs BxS, lengths B).
+
+  Raises UsageError for any bad setting; `generate` calls it, and a CLI can call it early.
+  """
+  if isinstance(prompts, (str, bytes)) or not prompts:
+    raise UsageError.setting("prompts", prompts, "a non-empty list of token-id lists")
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    raise UsageError.setting("max_new_tokens", max_new_tokens, "an integer >= 1")
+  if not _is_int(max_len) or max_len < 1 or (cfg.max_len is not None and max_len > cfg.max_len):
+    limit = "" if cfg.max_len is None else f" and <= model.max_len={cfg.max_len}"
+    raise UsageError.setting("max_len", max_len, f"an integer >= 1{limit}")
+  if not _is_int(pause_id) or not 0 <= pause_id < cfg.vocab_size:
+    raise UsageError.setting("pause_id", pause_id, f"an id in [0, {cfg.vocab_size})")
+  if vocab_size is not None and (not _is_int(vocab_size) or not 0 < vocab_size <= cfg.vocab_size):
+    raise UsageError.setting("vocab_size", vocab_size, f"an integer in [1, {cfg.vocab_size}]")
+  rows = with_pauses(prompts, num_pauses, pause_id)
+  for i, (prompt, row) in enumerate(zip(prompts, rows)):
+    if not row:
+      raise UsageError.setting(f"prompts[{i}]", [], "non-empty when num_pauses=0")
+    if min(row) < 0 or max(row) >= cfg.vocab_size:
+      raise UsageError.setting(f"prompts[{i}]", list(prompt), f"ids in [0, {cfg.vocab_size})")
+    if len(row) + max_new_tokens > max_len:
+      raise UsageError(
+          f"max_len={max_len} is too small for prompts[{i}]: {len(prompt)} tokens + "
+          f"num_pauses={num_pauses} + max_new_tokens={max_new_tokens} = "
+          f"{len(row) + max_new_tokens}; raise max_len or shorten the request")
+  inputs_BxS = np.zeros((len(rows), max_len), np.int32)  # Right padding (never attended to).
+  for b, row in enumerate(rows):
+    inputs_BxS[b, :len(row)] = row
+  lengths_B = np.array([len(row) for row in rows], np.int32)
+  return rows, inputs_BxS, lengths_B
+
+
+def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, temperature,
+         top_k, top_p, seed, max_len, vocab_size) -> Generation:
+  sampler = Sampler(temperature, top_k, top_p)
+  rows, inputs_BxS, lengths_B = prepare_inputs(
+      model.cfg, prompts, max_new_tokens=max_new_tokens, num_pauses=num_pauses, pause_id=pause_id,
+      max_len=max_len, vocab_size=vocab_size)
+  if eos_id is not None and not _is_int(eos_id):
+    raise UsageError.setting("eos_id", eos_id, "an integer id or None (never stop early)")
+  eos = _NOT_GENERATED if eos_id is None else int(eos_id)  # Sampled ids are never negative.
+  graphdef, state = nnx.split(model)
+  out_BxN = loop(graphdef, state, inputs_BxS, lengths_B, jax.random.key(seed),
+                 np.int32(eos), np.int32(vocab_size or model.cfg.vocab_size),
+                 max_new_tokens=max_new_tokens, sampler=sampler)
+  tokens, raw_tokens, stopped = [], [], []
+  for row in np.asarray(out_BxN).tolist():
+    raw = row[:row.index(_NOT_GENERATED)] if _NOT_GENERATED in row else row
+    tokens.append([t for t in raw if t != pause_id and t != eos])
+    raw_tokens.append(raw)
+    stopped.append(bool(raw) and raw[-1] == eos)
+  return Generation(tokens=tokens, raw_tokens=raw_tokens, stopped_at_eos=stopped, inputs=rows)
+
+
+def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             num_pauses: int, pause_id: int, eos_id: int | None, max_len: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             vocab_size: int | None = None) -> Generation:
+  """Decodes a batch of prompts (token-id lists) with a KV cache.
+
+  Args:
+    model: the decoder (its parameters are read, never changed).
+    prompts: one token-id list per row; lengths may differ.
+    max_new_tokens: sampling steps after the pauses (model-emitted pauses count, see above).
+    num_pauses: `<pause>` ids appended to every prompt (M_inf); 0 = plain decoding.
+    pause_id, eos_id: special ids; `eos_id=None` never stops early. EOS is not returned.
+    max_len: cache slots per row; needs len(prompt) + num_pauses + max_new_tokens <= max_len.
+    temperature, top_k, top_p, seed: see `Sampler`; temperature 0 is greedy.
+    vocab_size: ids >= vocab_size are never sampled (None: every embedding row may be).
+
+  Raises:
+    UsageError: a bad setting, or a prompt that does not fit in max_len.
+  """
+  return _run(_generate_cached, model, prompts, max_new_tokens=max_new_tokens,
+              num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
+              top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size)
+
+
+def generate_without_cache(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *,
+                           max_new_tokens: int, num_pauses: int, pause_id: int,
+                           eos_id: int | None, max_len: int, temperature: float = 0.0,
+                           top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                           vocab_size: int | None = None) -> Generation:
+  """`generate` without a cache: the full model over the [B, max_len] buffer at every step."""
+  return _run(_generate_uncached, model, prompts, max_new_tokens=max_new_tokens,
+              num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
+              top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size)
+
+
+def model_from_params(model_cfg: model_lib.ModelConfig, params: Any) -> model_lib.Decoder:
+  """A Decoder holding `params`, the pure dict of a train state (`state["params"]`)."""
+  abstract = nnx.eval_shape(lambda: model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark.
+
+def benchmark(model_cfg: model_lib.ModelConfig, *, pause_id: int, batch_size: int = 8,
+              prompt_len: int = 32, num_pauses: int = 10, max_new_tokens: int = 64,
+              repeats: int = 3, seed: int = 0) -> dict[str, float]:
+  """Greedy decode speed with the KV cache vs recomputing the prefix; prints and returns it.
+
+  A randomly initialised model of `model_cfg` decodes `batch_size` random prompts of
+  `prompt_len` tokens + `num_pauses` pauses for exactly `max_new_tokens` steps (no EOS), with
+  max_len = prompt_len + num_pauses + max_new_tokens. Tokens/s = batch_size * max_new_tokens /
+  the wall time of one whole `generate` call (prefill included), averaged over `repeats` calls
+  after one compiling call.
+  """
+  model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(0, pause_id, size=(batch_size, prompt_len)).tolist()
+  max_len = prompt_len + num_pauses + max_new_tokens
+  kwargs = dict(max_new_tokens=max_new_tokens, num_pauses=num_pauses, pause_id=pause_id,
+                eos_id=None, max_len=max_len)
+  results: dict[str, float] = {"decode_batch_size": batch_size, "decode_max_len": max_len}
+  for name, fn in (("cache", generate), ("no_cache", generate_without_cache)):
+    fn(model, prompts, **kwargs)  # Compile.
+    start = time.perf_counter()
+    for _ in range(repeats):
+      fn(model, prompts, **kwargs)
+    seconds = (time.perf_counter() - start) / repeats
+    results[f"decode_tokens_per_sec_{name}"] = batch_size * max_new_tokens / seconds
+  results["decode_cache_speedup"] = (results["decode_tokens_per_sec_cache"]
+                                     / results["decode_tokens_per_sec_no_cache"])
+  print(f"decode, KV cache   {results['decode_tokens_per_sec_cache']:,.0f} tokens/s "
+        f"(batch {batch_size}, {prompt_len} + {num_pauses} pauses + {max_new_tokens} new)")
+  print(f"decode, no cache   {results['decode_tokens_per_sec_no_cache']:,.0f} tokens/s "
+        f"({results['decode_cache_speedup']:.1f}x slower)")
+  return results

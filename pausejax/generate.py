@@ -1,0 +1,102 @@
+r"""Answer prompts with a trained (pause-token) model.
+
+    python -m pausejax.generate --config=configs/tiny.py --workdir=runs/tiny \
+        --prompt="ROMEO:" [--prompt="JULIET:" ...] --num_pauses=10 --max_new_tokens=64 \
+        [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0]
+
+Loads the parameters of the latest checkpoint in `<workdir>/checkpoints` (the config must describe
+the same model, including any --config.model.* overrides used for training), encodes each prompt
+with the config's vocabulary, appends `num_pauses` `<pause>` tokens, and prints the prompt and the
+answer decoded after the last pause (see `pausejax.decode`). Temperature 0 (default) is greedy.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from pausejax import checkpoint
+from pausejax import config as config_lib
+from pausejax import data as data_lib
+from pausejax import decode
+from pausejax import distributed
+from pausejax import model as model_lib
+from pausejax import sharding
+from pausejax import specials
+from pausejax import train as train_lib
+from pausejax.errors import UsageError
+from pausejax.errors import run
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The training config (e.g. configs/tiny.py) with the same overrides.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory holding checkpoints/.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for a batch.")
+_NUM_PAUSES = flags.DEFINE_integer("num_pauses", 10, "<pause> tokens appended to each prompt.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Answer tokens to sample at most.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "KV-cache length per prompt (0 = config.seq_len).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def load_params(config, workdir: str, model_cfg: model_lib.ModelConfig):
+  """The params of the latest checkpoint in `<workdir>/checkpoints`, in the config's shardings."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not checkpoint.has_checkpoint(directory):  # Checked first: creates nothing.
+    raise UsageError.setting("workdir", workdir,
+                             f"no complete checkpoint in {directory}; train first")
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_dict(config.logical_axis_rules)
+  _, abstract_params = train_lib.abstract_model(model_cfg)
+  specs = train_lib.param_logical_specs(abstract_params)
+  tx, _ = train_lib.make_optimizer(config.optimizer, config.num_train_steps, specs)
+  _, abstract_state, _ = train_lib.make_state(
+      model_cfg, tx, config.seed, sharding.named_shardings(specs, mesh, rules), mesh)
+  ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints, save_every_steps=1,
+                                 async_save=False)
+  try:
+    state = ckpt.restore(None, abstract_state)  # UsageError if it holds another model.
+  finally:
+    ckpt.close()
+  return state["params"]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}; give prompts with --prompt=...")
+  distributed.initialize()
+  config = _CONFIG.value
+  if config is None:
+    raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
+  if not _WORKDIR.value:
+    raise UsageError.setting("--workdir", _WORKDIR.value, "give the training run directory")
+  if not _PROMPT.value:
+    raise UsageError.setting("--prompt", None, "give at least one --prompt=...")
+  config_lib.validate(config)
+  vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
+  prompts = [list(vocabulary.encode(p)) for p in _PROMPT.value]
+  max_len = _MAX_LEN.value or config.seq_len
+  model_cfg = model_lib.ModelConfig.from_config(
+      config.model, specials.padded_vocab_size(vocabulary.vocab_size))
+  request = dict(max_new_tokens=_MAX_NEW_TOKENS.value, num_pauses=_NUM_PAUSES.value,
+                 pause_id=vocabulary.pause_id, max_len=max_len,
+                 vocab_size=vocabulary.vocab_size)
+  # Bad settings fail before the (slow) restore; prompts[i] is the i-th --prompt.
+  decode.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  decode.prepare_inputs(model_cfg, prompts, **request)
+
+  model = decode.model_from_params(model_cfg, load_params(config, _WORKDIR.value, model_cfg))
+  out = decode.generate(model, prompts, eos_id=vocabulary.eos_id, temperature=_TEMPERATURE.value,
+                        top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, **request)
+  if jax.process_index() == 0:
+    for text, answer in zip(_PROMPT.value, out.tokens):
+      print(f"prompt: {text}")
+      print(f"answer: {vocabulary.decode(answer)}", flush=True)
+
+
+if __name__ == "__main__":
+  run(main)

@@ -1,0 +1,120 @@
+"""The SeqIO registry: registered tasks, the pause stream vs the standard stream, custom tasks."""
+
+import json
+
+import numpy as np
+import pytest
+import seqio
+
+from pausejax import pause
+from pausejax import specials
+from pausejax import tasks
+from pausejax.errors import UsageError
+
+from conftest import tiny_config
+
+L = 64
+
+
+def _chunks(task, n, tfds_dir=None, split="train"):
+  ds = task.get_dataset({"targets": L}, split=split, shuffle=False, seed=7, use_cached=False,
+                        try_in_mem_cache=False)
+  return [x["targets"] for x in ds.take(n).as_numpy_iterator()]
+
+
+def _vocab():
+  from pausejax import corpus
+  return specials.load_vocabulary(corpus.DEFAULT_VOCAB_PATH)
+
+
+def test_registered_tasks():
+  names = set(seqio.TaskRegistry.names())
+  assert {"shakespeare", "shakespeare_pause", "c4", "c4_pause"} <= names
+  assert tasks.recipe("shakespeare_pause").pause_rate == pytest.approx(0.1)
+  assert tasks.recipe("c4").pause_rate == 0.0
+  assert tasks.recipe("c4_pause").tfds_name == "c4/en:3.1.0"
+
+
+def test_pause_stream_is_standard_stream_with_pauses(tfds_dir):
+  """Chunk i of the pause task = chunk i of the standard task with pauses inserted and trimmed."""
+  vocab = _vocab()
+  recipe = tasks.recipe("shakespeare_pause")
+  std = _chunks(recipe.build(vocab, pause_rate=0.0, tfds_data_dir=tfds_dir), 20)
+  paused = _chunks(recipe.build(vocab, pause_rate=0.1, tfds_data_dir=tfds_dir), 20)
+  assert all(len(c) == L for c in std + paused)
+  for s, p in zip(std, paused):
+    real = p[p != vocab.pause_id]
+    assert len(real) < L  # Some pauses survived the trim.
+    np.testing.assert_array_equal(real, s[:len(real)])  # Real tokens: a prefix, in order.
+  # Every pause chunk had exactly round(0.1 * 64) = 6 pauses inserted before the trim.
+  assert all(np.sum(p == vocab.pause_id) <= pause.num_pauses(0.1, L) for p in paused)
+  # Chunks are the concatenated stream: documents are separated by EOS and run across chunks.
+  assert sum(np.sum(s == vocab.eos_id) for s in std) >= 1
+
+
+def test_rate_zero_is_exactly_the_standard_task(tfds_dir):
+  vocab = _vocab()
+  a = _chunks(tasks.recipe("shakespeare").build(vocab, tfds_data_dir=tfds_dir), 10)
+  b = _chunks(tasks.recipe("shakespeare_pause").build(vocab, pause_rate=0.0, tfds_data_dir=tfds_dir), 10)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_registered_task_decodes_with_visible_pauses(tfds_dir):
+  vocab = _vocab()
+  chunk = _chunks(tasks.recipe("shakespeare_pause").build(vocab, tfds_data_dir=tfds_dir), 1)[0]
+  text = vocab.render(chunk)
+  assert "<pause>" in text
+  assert text.count("<pause>") == int(np.sum(chunk == vocab.pause_id))
+  # Removing the markers leaves ordinary Shakespeare text.
+  assert text.replace("<pause>", "").strip()
+
+
+def test_register_task_from_own_text_and_jsonl_files(tmp_path):
+  train = tmp_path / "train.txt"
+  train.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog."
+                               for i in range(40)))
+  valid = tmp_path / "valid.jsonl"
+  valid.write_text("\n".join(json.dumps({"body": f"Held-out line {i} of text."}) for i in range(30)))
+  valid_txt = tmp_path / "valid.txt"
+  valid_txt.write_text("Held-out document.")
+  task = tasks.register_pretraining_task(
+      "test_own_text_pause", files={"train": str(train), "validation": str(valid_txt)},
+      pause_rate=0.25)
+  assert seqio.get_mixture_or_task("test_own_text_pause") is task
+  vocab = task.output_features["targets"].vocabulary
+  chunks = _chunks(task, 3)
+  assert all(len(c) == L and np.sum(c == vocab.pause_id) > 0 for c in chunks)
+  assert "quick brown fox" in vocab.render(chunks[0]).replace("<pause>", "")
+
+  jtask = tasks.register_pretraining_task(
+      "test_own_jsonl", files={"train": str(valid), "validation": str(valid)}, text_key="body")
+  text = jtask.output_features["targets"].vocabulary.render(_chunks(jtask, 1)[0])
+  assert "Held-out line 0" in text and "<pause>" not in text
+
+
+def test_register_task_rejects_bad_arguments(tmp_path):
+  with pytest.raises(UsageError, match="pause_rate"):
+    tasks.register_pretraining_task("bad", tfds_name="c4/en:3.1.0", pause_rate=1.5)
+  with pytest.raises(ValueError, match="exactly one"):
+    tasks.register_pretraining_task("bad", tfds_name="c4/en:3.1.0", files={"train": "x"})
+
+
+def test_c4_task_end_to_end_on_fake_c4(tmp_path):
+  """The real `c4/en:3.1.0` code path on a tiny dataset in C4's TFDS format (a stand-in for C4)."""
+  from fake_c4 import write_fake_c4
+  from pausejax import data as data_lib
+  from pausejax import train
+
+  texts = [f"Document {i}. " + "Pause tokens give a model more columns to think with. " * 20
+           for i in range(24)]
+  write_fake_c4(str(tmp_path / "tfds"), texts[:20], texts[20:])
+  config = tiny_config(str(tmp_path / "tfds"), task="c4_pause", num_train_steps=3,
+                       eval_every_steps=0, log_every_steps=1, num_eval_steps=1,
+                       global_batch_size=2)
+  data = data_lib.prepare(config)
+  batch = next(iter(data_lib.dataset(data, config, train=True)))
+  targets = batch["decoder_target_tokens"].numpy()
+  assert targets.shape == (2, L) and np.any(targets == data.pause_id)
+  assert "Pause tokens give a model" in data.vocabulary.render(targets[0]).replace("<pause>", "")
+  info = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert info["steps"] == 3 and info["final_eval"]["eval_loss"] > 0
