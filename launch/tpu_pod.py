@@ -84,7 +84,9 @@ def remote_path(path: str) -> str:
 # copies the log to LOG_DEST every 5 minutes and at the end (if given), then records CMD's exit
 # code in EXITCODE (so that file means "finished, log copied").
 RUNNER = (
-    'dest=$1; shift; sync=; stop() { kill -TERM "$pid" 2>/dev/null; }; trap stop TERM INT HUP; '
+    # The signal that stops training reaches the whole process group, so this shell ignores it
+    # (`trap :`), waits for training to finish (e.g. writing a last checkpoint) and records why.
+    'dest=$1; shift; sync=; trap : TERM INT HUP; '
     '"$@" & pid=$!; '
     'if [ -n "$dest" ]; then '
     'w=$(curl -sf -m 5 -H "Metadata-Flavor: Google" "http://${GCE_METADATA_IP:-metadata.google.internal}'
@@ -149,11 +151,13 @@ def status_command(remote_dir: str) -> str:
           f"tail -n 3 {LOG} 2>/dev/null || true")
 
 
-def stop_command(remote_dir: str) -> str:
+def stop_command(remote_dir: str, grace_seconds: int) -> str:
+  """Worker shell text: SIGTERM the training process group, SIGKILL what is left after the grace."""
   d = remote_path(remote_dir)
   return (f"cd -- {d} 2>/dev/null || exit 0; if [ -f {PID} ]; then p=$(cat {PID}); "
           'kill -TERM -- "-$p" 2>/dev/null || true; '
-          'for i in $(seq 150); do kill -0 -- "-$p" 2>/dev/null || break; sleep 0.2; done; '
+          f'for i in $(seq {5 * grace_seconds}); do kill -0 -- "-$p" 2>/dev/null || break; '
+          'sleep 0.2; done; '
           'kill -KILL -- "-$p" 2>/dev/null || true; fi; '
           f'echo "{MARK} stopped on $(hostname)"')
 
@@ -394,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
   logs.add_argument("--worker", type=int, default=0, help="worker index (default 0)")
   logs.add_argument("--lines", type=int, default=100, help="lines to show (default 100)")
   logs.add_argument("--follow", action="store_true", help="keep printing new lines")
-  sub("stop", "stop training on all workers (the slice keeps running)")
+  stop = sub("stop", "stop training on all workers (the slice keeps running)")
+  stop.add_argument("--grace_seconds", type=int, default=120,
+                    help="after SIGTERM, wait this long (a last checkpoint) before SIGKILL")
   sub("delete", "delete the slice")
   sub("babysit", "watch the slice; after a preemption recreate it, set up and restart training",
       _create_flags, _setup_flags, _run_flags, _babysit_flags)
@@ -454,6 +460,8 @@ def resolve(argv: list[str]) -> argparse.Namespace:
       raise UsageError("restarting after a preemption recreates the slice: pass --accelerator_type")
   elif a.train_argv:
     raise UsageError(f"{a.command} takes no arguments after `--`")
+  if a.command == "stop" and a.grace_seconds < 0:
+    raise UsageError.setting("--grace_seconds", a.grace_seconds, "a number of seconds >= 0")
   if a.command == "logs":
     if a.worker < 0:
       raise UsageError.setting("--worker", a.worker, "a worker index >= 0")
@@ -484,7 +492,7 @@ def main(argv: list[str]) -> int:
   elif a.command == "logs":
     pod.ssh(str(a.worker), logs_command(a.remote_dir, a.lines, a.follow))
   elif a.command == "stop":
-    pod.ssh("all", stop_command(a.remote_dir))
+    pod.ssh("all", stop_command(a.remote_dir, a.grace_seconds))
   elif a.command == "delete":
     pod.delete()
   return 0

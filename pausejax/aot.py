@@ -180,7 +180,9 @@ class Report:
   mesh: dict[str, int]
   params: int
   vocab: tuple[int, int, str]
-  tokens_per_step: int
+  global_batch_size: int
+  seq_len: int
+  batch_shards: int
   memory: dict[str, int]        # Per chip, bytes; 'total' = the others summed (aliased negative).
   hbm_gib: float
   usable_hbm_gib: float
@@ -193,33 +195,50 @@ class Report:
   compile_s: float
 
   @property
+  def tokens_per_step(self) -> int:
+    return self.global_batch_size * self.seq_len
+
+  @property
   def step_time(self) -> float:
     return self.flops_analytic / (self.mfu * self.peak_per_chip * self.num_chips)
 
 
-def _fit_suggestions(config, mesh: Mesh, batch_shards: int, num_slices: int) -> list[str]:
-  out = []
-  chips = mesh.devices.size
-  if mesh.shape["fsdp"] * mesh.shape["tensor"] < chips // num_slices:
-    out.append(f"--config.mesh.data={num_slices} --config.mesh.fsdp=-1 (shard parameters and "
-               f"optimizer state over the {chips // num_slices} chips of each slice)")
+def _fit_suggestions(config, mesh: Mesh, batch_shards: int, num_slices: int, needed_gib: float,
+                     state_gib: float, usable_gib: float) -> list[str]:
+  """Settings that would cut the per-chip HBM, the one addressing the larger part first."""
+  chips_per_slice = mesh.devices.size // num_slices
+  shard_state, cut_activations = [], []
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] < chips_per_slice:
+    shard_state.append(
+        f"--config.mesh.data={num_slices} --config.mesh.fsdp=-1 (shard parameters and optimizer "
+        f"state, {state_gib:.2f} GiB per chip now, over the {chips_per_slice} chips of a slice)")
   if "remat" in config.model and not config.model.remat:
-    out.append("--config.model.remat=True (recompute activations in the backward pass)")
+    cut_activations.append("--config.model.remat=True (recompute activations in the backward "
+                           "pass)")
   if config.model.dtype == "float32":
-    out.append("--config.model.dtype=bfloat16 (half-size activations)")
-  half = config.global_batch_size // 2
-  if half >= batch_shards and half % batch_shards == 0:
-    out.append(f"--config.global_batch_size={half} (fewer tokens per step)")
-  out.append("more chips (a larger --topology or --num_slices)")
-  return out
+    cut_activations.append("--config.model.dtype=bfloat16 (half-size activations)")
+  # Activations grow about linearly with the sequences per chip: scale them to fit 90% of HBM.
+  per_chip = config.global_batch_size // batch_shards
+  activations = needed_gib - state_gib
+  room = 0.9 * usable_gib - state_gib
+  if per_chip > 1 and activations > 0 and room > 0:
+    fitting = max(1, min(per_chip - 1, int(per_chip * room / activations)))
+    fitting = 2 ** int(math.log2(fitting))  # Powers of two tile best.
+    cut_activations.append(
+        f"--config.global_batch_size={fitting * batch_shards} ({fitting} sequences per chip "
+        f"instead of {per_chip}; fewer tokens per step)")
+  ordered = (shard_state + cut_activations if state_gib >= activations
+             else cut_activations + shard_state)
+  return ordered + ["more chips (a larger --topology or --num_slices)"]
 
 
 def _too_big(config, topology, mesh, batch_shards, num_slices, needed_gib, state_gib, chip):
+  suggestions = _fit_suggestions(config, mesh, batch_shards, num_slices, needed_gib, state_gib,
+                                 chip.usable_hbm_gib)
   return UsageError(
       f"the train step needs {needed_gib:.2f} GiB of HBM per chip on {topology} (train state "
       f"{state_gib:.2f} GiB of it) but a {topology.split(':')[0]} chip has "
-      f"{chip.usable_hbm_gib:g} GiB usable; try: "
-      + "; or ".join(_fit_suggestions(config, mesh, batch_shards, num_slices)))
+      f"{chip.usable_hbm_gib:g} GiB usable; try: " + "; or ".join(suggestions))
 
 
 def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 0.4,
@@ -293,7 +312,8 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   return Report(
       topology=topology, num_slices=num_slices, device_kind=kind, num_chips=len(devices),
       mesh=dict(mesh.shape), params=model_lib.count_params(model_cfg),
-      vocab=(rows, base, source), tokens_per_step=tokens, memory=memory,
+      vocab=(rows, base, source), global_batch_size=config.global_batch_size,
+      seq_len=config.seq_len, batch_shards=batch_shards, memory=memory,
       hbm_gib=chip.hbm_gib, usable_hbm_gib=chip.usable_hbm_gib,
       # cost_analysis counts one device's share of the SPMD program.
       flops_compiled=float(cost["flops"]) * len(devices),
@@ -316,6 +336,8 @@ def format_report(r: Report) -> str:
       + " ".join(f"{k}={v}" for k, v in r.mesh.items()),
       f"model: {r.params / 1e6:.1f}M params | vocab {rows} rows (base {base}, {source}; + "
       f"{len(specials.SPECIAL_TOKENS)} specials, padded to 128)",
+      f"batch: {r.global_batch_size} x {r.seq_len} tokens per step, "
+      f"{r.global_batch_size // r.batch_shards} sequences per batch shard",
       f"compile: lowered in {r.lower_s:.1f} s, compiled in {r.compile_s:.1f} s",
       "HBM per chip (compiled.memory_analysis):",
   ]

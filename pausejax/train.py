@@ -40,13 +40,6 @@ from pausejax import specials
 from pausejax.errors import UsageError
 from pausejax.errors import run
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file in configs/ (e.g. configs/tiny.py). Override any "
-    "key with --config.key=value, e.g. --config.pause.rate=0.0 for the no-pause baseline.")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (local path or gs://): metrics, TensorBoard, checkpoints. "
-    "Re-running with the same workdir resumes.")
-
 PyTree = Any
 
 
@@ -367,12 +360,24 @@ def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value")
   distributed.initialize()
-  if _CONFIG.value is None:
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None:
     raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
-  if not _WORKDIR.value:
-    raise UsageError.setting("--workdir", _WORKDIR.value, "give a run directory, e.g. runs/tiny")
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if not workdir:
+    raise UsageError.setting("--workdir", workdir, "give a run directory, e.g. runs/tiny")
+  train_and_evaluate(config, workdir)
+
+
+def define_flags() -> None:
+  """Flags of the CLI only, so other modules can import this one and define their own."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Path to a config file in configs/ (e.g. configs/tiny.py). Override any "
+      "key with --config.key=value, e.g. --config.pause.rate=0.0 for the no-pause baseline.")
+  flags.DEFINE_string(
+      "workdir", None, "Run directory (local path or gs://): metrics, TensorBoard, checkpoints. "
+      "Re-running with the same workdir resumes.")
 
 
 if __name__ == "__main__":
+  define_flags()
   run(main)

@@ -242,8 +242,8 @@ def test_run_starts_detached_training_on_every_worker(tools, workers):
 
 
 def test_status_stop_and_logs_on_running_training(tools, workers):
-  r = tools.run("tpu_pod.py", *G, "run", "--env=FAKE_TRAIN_SLEEP=60", "--no-copy_logs", "--",
-                *TRAIN)
+  r = tools.run("tpu_pod.py", *G, "run", "--env=FAKE_TRAIN_SLEEP=60", "--env=FAKE_TRAIN_ON_TERM=0",
+                "--no-copy_logs", "--", *TRAIN)
   assert r.returncode == 0, r.stderr
   for project in workers:
     h.wait_for(project / "argv.json")
@@ -261,9 +261,11 @@ def test_status_stop_and_logs_on_running_training(tools, workers):
   stop = tools.run("tpu_pod.py", *G, "stop")
   assert stop.returncode == 0, stop.stderr
   for project in workers:
-    assert h.wait_for(project / "logs" / "train.exitcode").strip() == "143"  # SIGTERM.
+    # Training got exactly one SIGTERM and was allowed to finish its shutdown (exit code 0).
+    assert h.wait_for(project / "logs" / "train.exitcode").strip() == "0"
+    assert (project / "terms").read_text() == "TERM\n"
     pgid = int((project / "logs" / "train.pid").read_text())
     with pytest.raises(ProcessLookupError):
       os.killpg(pgid, 0)  # The whole process group is gone.
   status = tools.run("tpu_pod.py", *G, "status")
-  assert status.stdout.count("pausejax-train: exited 143") == 2
+  assert status.stdout.count("pausejax-train: exited 0") == 2

@@ -74,9 +74,16 @@ class Tools:
 
 
 # A stand-in for a worker's `.venv/bin/python`: records how it was started, then exits with
-# $FAKE_TRAIN_EXIT (default 0) after $FAKE_TRAIN_SLEEP seconds.
+# $FAKE_TRAIN_EXIT (default 0) after $FAKE_TRAIN_SLEEP seconds. On SIGTERM it notes the signal in
+# `terms`, takes a second (like saving a last checkpoint) and exits with $FAKE_TRAIN_ON_TERM.
 FAKE_PYTHON = """#!{python}
-import json, os, sys, time
+import json, os, signal, sys, time
+def on_term(signum, frame):
+  with open("terms", "a") as f:
+    f.write("TERM\\n")
+  time.sleep(1.0)
+  sys.exit(int(os.environ.get("FAKE_TRAIN_ON_TERM", "143")))
+signal.signal(signal.SIGTERM, on_term)
 with open("argv.json", "w") as f:
   json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}, f)
 print("fake training started", flush=True)

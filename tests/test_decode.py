@@ -1,0 +1,206 @@
+"""Tests for pausejax.decode, the model's KV-cache path and the generate CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_CLI, cli_overrides
+from pausejax import decode
+from pausejax import model as model_lib
+from pausejax.errors import UsageError
+
+V = 128
+PAUSE = 120  # Any id works: the tiny model has no vocabulary.
+PROMPTS = [[5, 6, 7, 8, 9], [10], [12, 13, 14, 15, 16, 17, 18, 19, 20]]  # Different lengths.
+REQUEST = dict(max_new_tokens=10, num_pauses=3, pause_id=PAUSE, eos_id=None, max_len=24)
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = model_lib.ModelConfig(vocab_size=V, num_layers=2, d_model=32, num_heads=4, head_dim=8,
+                              mlp_dim=64, tied_embeddings=True)
+  return model_lib.Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def greedy(model):
+  return decode.generate(model, PROMPTS, **REQUEST)
+
+
+def _request(**overrides):
+  return {**REQUEST, **overrides}
+
+
+def test_cache_equals_no_cache_greedy(model, greedy):
+  reference = decode.generate_without_cache(model, PROMPTS, **REQUEST)
+  assert greedy.raw_tokens == reference.raw_tokens
+  assert greedy.tokens == reference.tokens
+  assert [len(r) for r in greedy.raw_tokens] == [REQUEST["max_new_tokens"]] * len(PROMPTS)
+
+
+def test_cache_logits_match_full_forward(model):
+  """prefill + decode_step reproduce the full forward pass at every position, per row."""
+  tokens_BxL = np.asarray(jax.random.randint(jax.random.key(1), (2, 12), 0, V))
+  full_BxLxV = model(jnp.asarray(tokens_BxL))
+  lengths = np.array([3, 7])
+  padded_BxL = np.where(np.arange(12) < lengths[:, None], tokens_BxL, 0)  # Right padding.
+  logits_BxV, cache = model.prefill(jnp.asarray(padded_BxL), jnp.asarray(lengths), 16)
+  rows = np.arange(2)
+  for step in range(5):
+    at = lengths + step - 1  # Position whose next-token logits we have.
+    np.testing.assert_allclose(logits_BxV, full_BxLxV[rows, at], atol=1e-5, rtol=1e-5)
+    logits_BxV, cache = model.decode_step(jnp.asarray(tokens_BxL[rows, at + 1]), cache)
+  np.testing.assert_array_equal(cache.lengths_B, lengths + 5)
+
+
+def test_pauses_are_appended_and_fed_to_the_model(model, greedy):
+  m = REQUEST["num_pauses"]
+  for prompt, row in zip(PROMPTS, greedy.inputs):
+    assert row == prompt + [PAUSE] * m
+  # The model really reads them: the same as asking with the pauses already in the prompt.
+  explicit = decode.generate(model, [p + [PAUSE] * m for p in PROMPTS], **_request(num_pauses=0))
+  assert explicit.raw_tokens == greedy.raw_tokens
+  no_pauses = decode.generate(model, PROMPTS, **_request(num_pauses=0))
+  assert no_pauses.raw_tokens != greedy.raw_tokens
+
+
+def test_model_emitted_pauses_are_dropped_but_counted(model, greedy):
+  """Calling an id the model emits `pause` (without appending any) drops it from the answer."""
+  emitted = greedy.raw_tokens[0][2]
+  prompts = [p + [PAUSE] * 3 for p in PROMPTS]  # Same model inputs as `greedy`.
+  out = decode.generate(model, prompts, **_request(num_pauses=0, pause_id=emitted))
+  assert out.raw_tokens == greedy.raw_tokens  # Same trajectory: the pause is fed back.
+  assert out.tokens == [[t for t in raw if t != emitted] for raw in greedy.raw_tokens]
+  assert all(emitted not in answer for answer in out.tokens)
+  assert all(len(raw) == REQUEST["max_new_tokens"] for raw in out.raw_tokens)
+
+
+def test_appended_pauses_never_returned(model, greedy):
+  assert all(PAUSE not in answer for answer in greedy.tokens)
+  assert all(PAUSE not in raw for raw in greedy.raw_tokens)
+
+
+def test_eos_stops_a_row(model, greedy):
+  raw0 = greedy.raw_tokens[0]
+  eos = next(t for i, t in enumerate(raw0) if i > 0 and t not in raw0[:i])  # First new id.
+  out = decode.generate(model, PROMPTS, **_request(eos_id=eos))
+  for before, raw, answer, stopped in zip(greedy.raw_tokens, out.raw_tokens, out.tokens,
+                                          out.stopped_at_eos):
+    cut = before.index(eos) + 1 if eos in before else len(before)
+    assert raw == before[:cut]
+    assert answer == [t for t in before[:cut] if t != eos]
+    assert stopped == (eos in before)
+  assert out.stopped_at_eos[0] and len(out.tokens[0]) < REQUEST["max_new_tokens"]
+  assert out.tokens == decode.generate_without_cache(model, PROMPTS, **_request(eos_id=eos)).tokens
+
+
+def test_sampling_is_seeded_and_matches_without_cache(model):
+  a = decode.generate(model, PROMPTS, **_request(temperature=1.0, seed=3))
+  b = decode.generate(model, PROMPTS, **_request(temperature=1.0, seed=3))
+  c = decode.generate(model, PROMPTS, **_request(temperature=1.0, seed=4))
+  assert a.raw_tokens == b.raw_tokens
+  assert a.raw_tokens != c.raw_tokens
+  ref = decode.generate_without_cache(model, PROMPTS, **_request(temperature=1.0, seed=3))
+  assert ref.raw_tokens == a.raw_tokens
+
+
+@pytest.mark.parametrize("setting", [dict(top_k=1), dict(top_p=1e-6)])
+def test_narrowest_sampling_is_greedy(model, greedy, setting):
+  out = decode.generate(model, PROMPTS, **_request(temperature=2.0, seed=5, **setting))
+  assert out.raw_tokens == greedy.raw_tokens
+
+
+def test_sample_keeps_top_k_and_nucleus():
+  logits_1xV = jnp.log(jnp.array([[0.05, 0.5, 0.3, 0.15]]))
+  keys = jax.random.split(jax.random.key(0), 2000)
+
+  def support(sampler):
+    draws = jax.vmap(lambda k: decode.sample(logits_1xV, k, sampler))(keys)
+    return set(np.asarray(draws).ravel().tolist())
+
+  assert support(decode.Sampler(temperature=1.0)) == {0, 1, 2, 3}
+  assert support(decode.Sampler(temperature=1.0, top_k=2)) == {1, 2}
+  # Mass before each id (sorted): 0, 0.5, 0.8, 0.95; top_p=0.6 keeps the first two.
+  assert support(decode.Sampler(temperature=1.0, top_p=0.6)) == {1, 2}
+  assert support(decode.Sampler(temperature=1.0, top_p=0.85)) == {1, 2, 3}
+
+
+def test_padding_rows_are_never_sampled(model, greedy):
+  assert max(max(r) for r in greedy.raw_tokens) >= 16  # Otherwise the test proves nothing.
+  out = decode.generate(model, PROMPTS, **_request(vocab_size=16, temperature=1.0))
+  assert max(max(r) for r in out.raw_tokens) < 16
+
+
+FITS = len(PROMPTS[2]) + REQUEST["num_pauses"] + REQUEST["max_new_tokens"]  # Longest prompt.
+
+
+@pytest.mark.parametrize("overrides, setting", [
+    (dict(num_pauses=-1), "num_pauses"),
+    (dict(max_len=FITS - 1), "max_len"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"),
+])
+def test_bad_requests_raise_usage_error(model, overrides, setting):
+  decode.generate(model, PROMPTS, **_request(max_len=FITS))  # Exactly fits: valid.
+  with pytest.raises(UsageError, match=setting) as e:
+    decode.generate(model, PROMPTS, **{**_request(max_len=FITS), **overrides})
+  assert "\n" not in str(e.value)
+
+
+def test_benchmark_reports_both_speeds():
+  cfg = model_lib.ModelConfig(vocab_size=V, num_layers=1, d_model=16, num_heads=2, head_dim=8,
+                              mlp_dim=32, tied_embeddings=True)
+  results = decode.benchmark(cfg, pause_id=PAUSE, batch_size=2, prompt_len=4, num_pauses=2,
+                             max_new_tokens=4, repeats=1)
+  assert results["decode_tokens_per_sec_cache"] > 0
+  assert results["decode_tokens_per_sec_no_cache"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, on a real (2-step) training run.
+
+def _generate_cli(workdir, tfds_dir, *extra):
+  cmd = [sys.executable, "-m", "pausejax.generate", "--config=configs/tiny.py",
+         f"--workdir={workdir}", f"--config.tfds_data_dir={tfds_dir}", *cli_overrides(TINY_CLI),
+         *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tfds_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  cmd = [sys.executable, "-m", "pausejax.train", "--config=configs/tiny.py",
+         f"--workdir={workdir}", f"--config.tfds_data_dir={tfds_dir}",
+         *cli_overrides({**TINY_CLI, "num_train_steps": 2, "eval_every_steps": 0})]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return workdir
+
+
+def test_cli_prints_answers_without_pauses(trained_workdir, tfds_dir):
+  proc = _generate_cli(trained_workdir, tfds_dir, "--prompt=ROMEO:", "--prompt=To be, or not",
+                       "--num_pauses=5", "--max_new_tokens=8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "prompt: ROMEO:" and lines[2] == "prompt: To be, or not"
+  answers = [line for line in lines if line.startswith("answer: ")]
+  assert len(answers) == 2 and all(len(a) > len("answer: ") for a in answers), proc.stdout
+  assert "<pause>" not in proc.stdout
+
+
+def test_cli_without_checkpoint_exits_2(tmp_path, tfds_dir):
+  proc = _generate_cli(tmp_path, tfds_dir, "--prompt=ROMEO:")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+  assert "checkpoint" in proc.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")  # Nothing created.
