@@ -1,0 +1,1 @@
+"""Launchers: local multi-process, Cloud TPU pods, GPU hosts and SLURM clusters."""

@@ -50,7 +50,7 @@ EPILOG = """\
 Everything after `--` goes to `python -m pausejax.train`.
 
 examples:
-  python launch/gpu.py -- --config=configs/c4_pause.py --workdir=/data/runs/c4_pause \\
+  python launch/gpu.py -- --config=configs/c4_130m.py --workdir=/data/runs/c4_130m_pause \\
       --config.tfds_data_dir=/data/tfds
 
   # See the environment and command without running anything:
@@ -76,7 +76,8 @@ def add_gpu_flags(p) -> None:
   """Flags shared with launch/slurm.py."""
   p.add_argument("--python", default=sys.executable,
                  help="Python that runs training (default: this one)")
-  p.add_argument("--module", default="pausejax.train", help="module to run (default pausejax.train)")
+  p.add_argument("--module", default="pausejax.train",
+                 help="module to run (default pausejax.train)")
   p.add_argument("--mem_fraction", type=float, default=DEFAULT_MEM_FRACTION,
                  help=f"XLA_PYTHON_CLIENT_MEM_FRACTION (default {DEFAULT_MEM_FRACTION})")
   p.add_argument("--xla_flags", default="", help="more XLA flags, appended to the defaults")

@@ -28,7 +28,8 @@ examples:
       python -m pausejax.train --config=configs/tiny.py --workdir=/tmp/pj_2host
 
   # Any program works; each process sees PAUSEJAX_PROCESS_ID=0..N-1:
-  python launch/local.py --num_processes=2 -- python -c 'import os; print(os.environ["PAUSEJAX_PROCESS_ID"])'
+  python launch/local.py --num_processes=2 -- \\
+      python -c 'import os; print(os.environ["PAUSEJAX_PROCESS_ID"])'
 
 Output lines are prefixed [p0], [p1], ... If one process exits non-zero the others are stopped
 and its exit code is returned; Ctrl-C stops all of them.
@@ -135,7 +136,8 @@ def main(argv: list[str]) -> int:
   if args.port is not None and not 1 <= args.port <= 65535:
     raise _common.UsageError.setting("--port", args.port, "a TCP port, 1..65535")
   if not cmd:
-    raise _common.UsageError("no command given: put it after `--`, e.g. -- python -m pausejax.train ...")
+    raise _common.UsageError(
+        "no command given: put it after `--`, e.g. -- python -m pausejax.train ...")
   port = args.port or free_port()
 
   lock = threading.Lock()

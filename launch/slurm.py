@@ -25,10 +25,11 @@ login node whose filesystem the compute nodes share (same venv path, same checko
 examples:
   # 4 nodes x 8 GPUs, one process per GPU, 2 days, resubmitted by SLURM after a preemption:
   python launch/slurm.py --nodes=4 --gpus_per_node=8 --partition=gpu --time=2-00:00:00 \\
-      --requeue -- --config=configs/c4_pause.py --workdir=/shared/runs/c4_pause
+      --requeue -- --config=configs/c4_130m.py --workdir=/shared/runs/c4_130m_pause
 
   # Look at the script first, or keep it and submit it yourself:
-  python launch/slurm.py --nodes=2 --dry-run -- --config=configs/tiny.py --workdir=/shared/pj > job.sbatch
+  python launch/slurm.py --nodes=2 --dry-run -- \\
+      --config=configs/tiny.py --workdir=/shared/pj > job.sbatch
   sbatch job.sbatch
 """
 

@@ -31,7 +31,7 @@ DEFAULT_RUNTIME = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base",
 # Slice states (`describe --format=value(state)`, or state.state of a queued resource).
 HEALTHY = {"READY", "ACTIVE"}
 SETTLING = {"CREATING", "STARTING", "RESTARTING", "REPAIRING", "ACCEPTED", "PROVISIONING",
-            "WAITING_FOR_RESOURCES", ""}
+            "WAITING_FOR_RESOURCES", "SUSPENDING", "STOPPING", "DELETING", ""}
 EXCLUDED = (".git", ".venv", "build", "runs", "__pycache__", "*.egg-info", ".pytest_cache")
 
 EPILOG = """\
@@ -49,9 +49,9 @@ examples:
   python launch/tpu_pod.py setup
 
   # 3. Start training on all workers, detached; logs go to ~/pausejax/logs/train.log on each
-  #    worker and to gs://my-bucket/runs/c4_pause/logs/:
-  python launch/tpu_pod.py run -- --config=configs/c4_pause.py \\
-      --workdir=gs://my-bucket/runs/c4_pause --config.tfds_data_dir=gs://my-bucket/tfds
+  #    worker and to gs://my-bucket/runs/c4_130m_pause/logs/:
+  python launch/tpu_pod.py run -- --config=configs/c4_130m.py \\
+      --workdir=gs://my-bucket/runs/c4_130m_pause --config.tfds_data_dir=gs://my-bucket/tfds
 
   # 4. Watch it:
   python launch/tpu_pod.py status
@@ -59,7 +59,7 @@ examples:
 
   # Keep it alive through preemptions: recreate, set up and restart (resumes from the workdir):
   python launch/tpu_pod.py babysit --accelerator_type=v5p-32 --spot -- \\
-      --config=configs/c4_pause.py --workdir=gs://my-bucket/runs/c4_pause
+      --config=configs/c4_130m.py --workdir=gs://my-bucket/runs/c4_130m_pause
 
   # 5. Stop and delete:
   python launch/tpu_pod.py stop
@@ -89,7 +89,8 @@ RUNNER = (
     'dest=$1; shift; sync=; trap : TERM INT HUP; '
     '"$@" & pid=$!; '
     'if [ -n "$dest" ]; then '
-    'w=$(curl -sf -m 5 -H "Metadata-Flavor: Google" "http://${GCE_METADATA_IP:-metadata.google.internal}'
+    'w=$(curl -sf -m 5 -H "Metadata-Flavor: Google" '
+    '"http://${GCE_METADATA_IP:-metadata.google.internal}'
     '/computeMetadata/v1/instance/attributes/agent-worker-number" || hostname); '
     f'(while sleep 300; do gcloud storage cp {LOG} "$dest/worker-$w.log" >/dev/null 2>&1; done) '
     '& sync=$!; fi; '
@@ -99,10 +100,14 @@ RUNNER = (
     f'gcloud storage cp {LOG} "$dest/worker-$w.log" >/dev/null 2>&1; fi; '
     f'echo "$rc" > {EXITCODE}; exit "$rc"')
 
+# True (and $p set) while the runner recorded in PID is alive. The pid file alone is not enough:
+# after a reboot, or once the run is over, that number may belong to another process.
+ALIVE = f'[ -f {PID} ] && p=$(cat {PID}) && grep -aqs pausejax-train "/proc/$p/cmdline"'
+
 # Prints one `pausejax-train: ...` line saying what the training process on this worker does.
 PROBE = (
     f'if [ -f {EXITCODE} ]; then echo "{MARK} exited $(cat {EXITCODE})"; '
-    f'elif [ -f {PID} ] && kill -0 -- "-$(cat {PID})" 2>/dev/null; then echo "{MARK} running"; '
+    f'elif {ALIVE}; then echo "{MARK} running"; '
     f'else echo "{MARK} not running"; fi')
 
 
@@ -134,9 +139,11 @@ def run_command(remote_dir: str, module: str, train_argv: list[str], env: list[t
   d = remote_path(remote_dir)
   cmd = (["env", "PYTHONUNBUFFERED=1"] + [f"{k}={v}" for k, v in env]
          + [".venv/bin/python", "-m", module] + list(train_argv))
+  missing = "echo 'pausejax: not set up on this worker; run the setup subcommand first' >&2; exit 1"
   return (
-      f"set -e; cd -- {d}; mkdir -p logs; "
-      f'if [ ! -f {EXITCODE} ] && [ -f {PID} ] && kill -0 -- "-$(cat {PID})" 2>/dev/null; then '
+      f"set -e; cd -- {d} 2>/dev/null || {{ {missing}; }}; "
+      f"[ -x .venv/bin/python ] || {{ {missing}; }}; mkdir -p logs; "
+      f"if [ ! -f {EXITCODE} ] && {ALIVE}; then "
       f"echo 'pausejax: training is already running on this worker; run the stop subcommand "
       f"first' >&2; exit 1; fi; "
       f"rm -f {EXITCODE}; "
@@ -154,11 +161,10 @@ def status_command(remote_dir: str) -> str:
 def stop_command(remote_dir: str, grace_seconds: int) -> str:
   """Worker shell text: SIGTERM the training process group, SIGKILL what is left after the grace."""
   d = remote_path(remote_dir)
-  return (f"cd -- {d} 2>/dev/null || exit 0; if [ -f {PID} ]; then p=$(cat {PID}); "
+  return (f"cd -- {d} 2>/dev/null || exit 0; if {ALIVE}; then "
           'kill -TERM -- "-$p" 2>/dev/null || true; '
-          f'for i in $(seq {5 * grace_seconds}); do kill -0 -- "-$p" 2>/dev/null || break; '
-          'sleep 0.2; done; '
-          'kill -KILL -- "-$p" 2>/dev/null || true; fi; '
+          f'for i in $(seq {5 * grace_seconds}); do {ALIVE} || break; sleep 0.2; done; '
+          f'if {ALIVE}; then kill -KILL -- "-$p" 2>/dev/null || true; fi; fi; '
           f'echo "{MARK} stopped on $(hostname)"')
 
 
@@ -360,7 +366,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("run")
   g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment variable for training (repeatable)")
-  g.add_argument("--module", default="pausejax.train", help="module to run (default pausejax.train)")
+  g.add_argument("--module", default="pausejax.train",
+                 help="module to run (default pausejax.train)")
   g.add_argument("--copy_logs", action=argparse.BooleanOptionalAction, default=None,
                  help="copy each worker's log to WORKDIR/logs/ (default: when --workdir is gs://)")
 
@@ -422,7 +429,8 @@ def resolve(argv: list[str]) -> argparse.Namespace:
   if a.zone:
     check(r"[a-z]+-[a-z]+[0-9]+-[a-z]", "--zone", a.zone, "a zone like us-central2-b")
   if a.project:
-    check(r"[a-z][-a-z0-9.:]{4,61}[a-z0-9]", "--project", a.project, "a project id like my-proj-123")
+    check(r"[a-z][-a-z0-9.:]{4,61}[a-z0-9]", "--project", a.project,
+          "a project id like my-proj-123")
   if not a.remote_dir or a.remote_dir.startswith("-"):
     raise UsageError.setting("--remote_dir", a.remote_dir, "a directory path not starting with '-'")
   if not a.poll_seconds >= 0:
@@ -479,6 +487,9 @@ def main(argv: list[str]) -> int:
     pod.setup()
   elif a.command == "run":
     pod.run()
+    if not a.dry_run:
+      print(f"training started; follow it with: python launch/tpu_pod.py --name={pod.name} logs "
+            "--worker=0 --follow", flush=True)
     if a.restart_on_preemption:
       return babysit(pod)
   elif a.command == "babysit":

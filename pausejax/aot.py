@@ -41,35 +41,22 @@ from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
 from pausejax import config as config_lib
-from pausejax import data as data_lib
-from pausejax import metrics
 from pausejax import model as model_lib
 from pausejax import sharding
-from pausejax import specials
-from pausejax import train as train_lib
 from pausejax.errors import UsageError
 from pausejax.errors import run
 
-# pausejax.train defines its own --config and --workdir when imported; this is another CLI.
-for _name in ("config", "workdir"):
-  if _name in flags.FLAGS:
-    delattr(flags.FLAGS, _name)
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file in configs/ (e.g. configs/c4_130m.py). Override any "
-    "key with --config.key=value, e.g. --config.mesh.fsdp=4.")
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU slice to compile for: GENERATION:CHIPS_PER_AXIS, e.g. v5p:2x2x1, "
-    "v5e:2x4, v4:2x2x1, v6e:2x2 (v4/v5p: 3 axes, v5e/v6e: 2).")
-_NUM_SLICES = flags.DEFINE_integer(
-    "num_slices", 1, "Number of such slices joined over DCN; mesh.data spans them.")
-_MFU = flags.DEFINE_float(
-    "mfu", 0.4, "Model FLOPs utilization (0-1] assumed for the predicted step time and tokens/s.")
-_VOCAB_SIZE = flags.DEFINE_integer(
-    "vocab_size", 32000, "Base vocabulary size assumed when vocab_path is not a local file "
-    "(32000: T5's cc_all.32000).")
+# pausejax.train, .data, .specials and .metrics import TensorFlow (seconds): they are imported where
+# needed, after the command line has been checked, so a mistyped --topology fails at once.
 
 GiB = 2**30
+
+
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +66,15 @@ class Chip:
   num_axes: int
   chip_config: str        # 'megacore': one jax device per chip (v4, v5p: two TensorCores fused).
   accelerator_type: str   # Cloud TPU accelerator type for N chips, e.g. 'v5p-{cores}'.
-  hbm_gib: float          # Spec sheet (cloud.google.com/tpu/docs/<generation>).
+  hbm_spec: str           # HBM as cloud.google.com/tpu/docs/<generation> states it.
   usable_hbm_gib: float   # What libtpu 0.0.42.1's compiler accepts (its out-of-memory error).
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 3, "megacore", "v4-{cores}", 32, 30.75),
-    "v5e": Chip("v5e", 2, "default", "v5litepod-{chips}", 16, 15.75),
-    "v5p": Chip("v5p", 3, "megacore", "v5p-{cores}", 95, 95.74),
-    "v6e": Chip("v6e", 2, "default", "v6e-{chips}", 32, 31.25),
+    "v4": Chip("v4", 3, "megacore", "v4-{cores}", "32 GiB", 30.75),
+    "v5e": Chip("v5e", 2, "default", "v5litepod-{chips}", "16 GB", 15.75),
+    "v5p": Chip("v5p", 3, "megacore", "v5p-{cores}", "95 GB", 95.74),
+    "v6e": Chip("v6e", 2, "default", "v6e-{chips}", "32 GB", 31.25),
 }
 _TOPOLOGY_FORM = ("GENERATION:CHIPS_PER_AXIS with generation v4, v5e, v5p or v6e, e.g. v5p:2x2x1, "
                   "v5e:2x4, v4:2x2x1 (v4/v5p: 3 axes, v5e/v6e: 2)")
@@ -109,8 +96,11 @@ def topology_devices(generation: str, axes: tuple[int, ...], num_slices: int = 1
   """Compile-only devices of `num_slices` slices of this topology (needs libtpu, no TPU)."""
   chip = CHIPS[generation]
   chips = math.prod(axes)
-  # There is no TPU VM metadata here; without these libtpu logs errors about the hostnames and
+  # Compile-only: no chips to guard, so skip libtpu's one-process-per-host lock (/tmp/
+  # libtpu_lockfile), which any other JAX process that probed for a TPU may hold. There is no TPU
+  # VM metadata either; without the next two libtpu logs errors about the hostnames and
   # accelerator type it could not find (the devices it describes do not depend on them).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE",
                         chip.accelerator_type.format(chips=chips, cores=2 * chips))
@@ -148,6 +138,8 @@ def make_mesh(mesh_config, devices: list[Any], num_slices: int = 1) -> Mesh:
 
 def vocab_rows(config, assumed_base: int = 32000) -> tuple[int, int, str]:
   """(embedding rows, base vocabulary size, where the base size came from)."""
+  from pausejax import data as data_lib
+  from pausejax import specials
   path = data_lib.vocab_path(config)
   if "://" in path:
     base, source = assumed_base, f"assumed for remote {path}"
@@ -179,12 +171,14 @@ class Report:
   num_chips: int
   mesh: dict[str, int]
   params: int
-  vocab: tuple[int, int, str]
+  vocab: tuple[int, int, str]   # Embedding rows, base vocabulary size, where that came from.
+  num_specials: int
   global_batch_size: int
   seq_len: int
   batch_shards: int
+  microbatches: int
   memory: dict[str, int]        # Per chip, bytes; 'total' = the others summed (aliased negative).
-  hbm_gib: float
+  hbm_spec: str
   usable_hbm_gib: float
   flops_compiled: float         # Whole step, all chips.
   flops_analytic: float
@@ -208,25 +202,43 @@ def _fit_suggestions(config, mesh: Mesh, batch_shards: int, num_slices: int, nee
   """Settings that would cut the per-chip HBM, the one addressing the larger part first."""
   chips_per_slice = mesh.devices.size // num_slices
   shard_state, cut_activations = [], []
-  if mesh.shape["fsdp"] * mesh.shape["tensor"] < chips_per_slice:
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] < chips_per_slice and state_gib > 0.1 * needed_gib:
     shard_state.append(
         f"--config.mesh.data={num_slices} --config.mesh.fsdp=-1 (shard parameters and optimizer "
-        f"state, {state_gib:.2f} GiB per chip now, over the {chips_per_slice} chips of a slice)")
+        f"state, {_size(state_gib * GiB)} per chip now, over the {chips_per_slice} chips of a "
+        "slice)")
+  replicated_gib = state_gib * mesh.shape["fsdp"] * mesh.shape["tensor"]
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 and replicated_gib < 0.5 * usable_gib:
+    # With only parameters and batch annotated, XLA keeps some activations of fsdp-sharded matmuls
+    # whole-batch; replicating a state that fits keeps every activation split by batch.
+    cut_activations.append(
+        f"--config.mesh.data=-1 --config.mesh.fsdp=1 --config.mesh.tensor=1 (pure data "
+        f"parallelism: the train state, {_size(replicated_gib * GiB)} per chip replicated, fits)")
   if "remat" in config.model and not config.model.remat:
     cut_activations.append("--config.model.remat=True (recompute activations in the backward "
                            "pass)")
   if config.model.dtype == "float32":
     cut_activations.append("--config.model.dtype=bfloat16 (half-size activations)")
-  # Activations grow about linearly with the sequences per chip: scale them to fit 90% of HBM.
+  # Activations grow roughly linearly with the sequences a chip holds at once. Aim at 60% of HBM:
+  # the compiler reports what its last failed attempt needed, not an exact slope.
   per_chip = config.global_batch_size // batch_shards
+  microbatches = config.get("microbatches", 1)
+  live = per_chip // microbatches
   activations = needed_gib - state_gib
-  room = 0.9 * usable_gib - state_gib
-  if per_chip > 1 and activations > 0 and room > 0:
-    fitting = max(1, min(per_chip - 1, int(per_chip * room / activations)))
+  room = 0.6 * usable_gib - state_gib
+  if live > 1 and activations > 0 and room > 0:
+    fitting = max(1, min(live - 1, int(live * room / activations)))
     fitting = 2 ** int(math.log2(fitting))  # Powers of two tile best.
+    if "microbatches" in config:  # Gradient accumulation keeps the tokens per step.
+      more = next(k for k in range(microbatches + 1, per_chip + 1)
+                  if per_chip % k == 0 and per_chip // k <= fitting)
+      cut_activations.append(
+          f"--config.microbatches={more} (gradient accumulation: {per_chip // more} of the "
+          f"{per_chip} sequences per chip at a time; same tokens per step)")
+    smaller = fitting * microbatches * batch_shards
     cut_activations.append(
-        f"--config.global_batch_size={fitting * batch_shards} ({fitting} sequences per chip "
-        f"instead of {per_chip}; fewer tokens per step)")
+        f"--config.global_batch_size={smaller} ({fitting} sequence{'s' if fitting > 1 else ''} "
+        f"per chip at a time instead of {live}; fewer tokens per step)")
   ordered = (shard_state + cut_activations if state_gib >= activations
              else cut_activations + shard_state)
   return ordered + ["more chips (a larger --topology or --num_slices)"]
@@ -237,19 +249,28 @@ def _too_big(config, topology, mesh, batch_shards, num_slices, needed_gib, state
                                  chip.usable_hbm_gib)
   return UsageError(
       f"the train step needs {needed_gib:.2f} GiB of HBM per chip on {topology} (train state "
-      f"{state_gib:.2f} GiB of it) but a {topology.split(':')[0]} chip has "
-      f"{chip.usable_hbm_gib:g} GiB usable; try: " + "; or ".join(suggestions))
+      f"{_size(state_gib * GiB)} of it) but a {topology.split(':')[0]} chip has "
+      f"{chip.usable_hbm_gib:g} GiB usable; try one or more of: " + "; ".join(suggestions))
+
+
+def check_args(topology: str | None, num_slices: int, mfu: float) -> tuple[str, tuple[int, ...]]:
+  """The command line's own settings (no config, no libtpu needed); returns the parsed topology."""
+  parsed = parse_topology(topology)
+  if not isinstance(num_slices, int) or num_slices < 1:
+    raise UsageError.setting("--num_slices", num_slices, "a positive integer")
+  if not 0 < mfu <= 1:
+    raise UsageError.setting("--mfu", mfu, "a fraction in (0, 1], e.g. 0.4")
+  return parsed
 
 
 def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 0.4,
                        assumed_vocab: int = 32000) -> Report:
   """Lowers and compiles `pausejax.train`'s train step for `topology`; raises UsageError."""
+  generation, axes = check_args(topology, num_slices, mfu)
   config_lib.validate(config)
-  if num_slices < 1:
-    raise UsageError.setting("--num_slices", num_slices, "a positive integer")
-  if not 0 < mfu <= 1:
-    raise UsageError.setting("--mfu", mfu, "a fraction in (0, 1], e.g. 0.4")
-  generation, axes = parse_topology(topology)
+  from pausejax import metrics
+  from pausejax import specials
+  from pausejax import train as train_lib
   chip = CHIPS[generation]
   devices = topology_devices(generation, axes, num_slices)
 
@@ -267,7 +288,10 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   _, abstract_state, state_shardings = train_lib.make_state(model_cfg, tx, config.seed,
                                                             param_shardings, mesh)
   pause_id = base + specials.SPECIAL_TOKENS.index(specials.PAUSE)
-  train_step = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id),
+  # Gradient accumulation, where the config has it, exactly as pausejax.train runs it.
+  accumulate = {"microbatches": config.microbatches} if "microbatches" in config else {}
+  train_step = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
+                                                 **accumulate),
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, state_shardings["step"]), donate_argnums=0)
 
@@ -282,11 +306,13 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    found = re.search(r"required.*?\(([\d.]+)G\).*?available HBM \(([\d.]+)G\)", str(e))
+    # "... required for HLO temporaries (1.19T) exceeds available HBM (95.74G)": binary units.
+    found = re.search(r"required.*?\(([\d.]+)([KMGT])\).*?available HBM", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not found:
       raise
-    raise _too_big(config, topology, mesh, batch_shards, num_slices, float(found.group(1)),
-                   state_gib, chip) from None
+    needed_gib = float(found.group(1)) * 1024.0 ** ("KMGT".index(found.group(2)) - 2)
+    raise _too_big(config, topology, mesh, batch_shards, num_slices, needed_gib, state_gib,
+                   chip) from None
   t2 = time.perf_counter()
 
   stats = compiled.memory_analysis()
@@ -312,20 +338,16 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   return Report(
       topology=topology, num_slices=num_slices, device_kind=kind, num_chips=len(devices),
       mesh=dict(mesh.shape), params=model_lib.count_params(model_cfg),
-      vocab=(rows, base, source), global_batch_size=config.global_batch_size,
-      seq_len=config.seq_len, batch_shards=batch_shards, memory=memory,
-      hbm_gib=chip.hbm_gib, usable_hbm_gib=chip.usable_hbm_gib,
-      # cost_analysis counts one device's share of the SPMD program.
-      flops_compiled=float(cost["flops"]) * len(devices),
+      vocab=(rows, base, source), num_specials=len(specials.SPECIAL_TOKENS),
+      global_batch_size=config.global_batch_size,
+      seq_len=config.seq_len, batch_shards=batch_shards,
+      microbatches=accumulate.get("microbatches", 1), memory=memory,
+      hbm_spec=chip.hbm_spec, usable_hbm_gib=chip.usable_hbm_gib,
+      # cost_analysis counts one device's share of the SPMD program, and a loop body once: scale
+      # by the microbatches (which also counts the optimizer update, a tiny part, that often).
+      flops_compiled=float(cost["flops"]) * len(devices) * accumulate.get("microbatches", 1),
       flops_analytic=model_lib.flops_per_token(model_cfg, config.seq_len) * tokens,
       peak_name=peak[0], peak_per_chip=peak[1], mfu=mfu, lower_s=t1 - t0, compile_s=t2 - t1)
-
-
-def _size(n: float) -> str:
-  for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-    if abs(n) >= scale:
-      return f"{n / scale:.2f} {unit}"
-  return f"{n:.0f} B"
 
 
 def format_report(r: Report) -> str:
@@ -335,9 +357,10 @@ def format_report(r: Report) -> str:
       f"topology: {r.topology}{slices} = {r.num_chips} x {r.device_kind} chips | mesh "
       + " ".join(f"{k}={v}" for k, v in r.mesh.items()),
       f"model: {r.params / 1e6:.1f}M params | vocab {rows} rows (base {base}, {source}; + "
-      f"{len(specials.SPECIAL_TOKENS)} specials, padded to 128)",
+      f"{r.num_specials} specials, padded to 128)",
       f"batch: {r.global_batch_size} x {r.seq_len} tokens per step, "
-      f"{r.global_batch_size // r.batch_shards} sequences per batch shard",
+      f"{r.global_batch_size // r.batch_shards} sequences per batch shard"
+      + (f" in {r.microbatches} microbatches" if r.microbatches > 1 else ""),
       f"compile: lowered in {r.lower_s:.1f} s, compiled in {r.compile_s:.1f} s",
       "HBM per chip (compiled.memory_analysis):",
   ]
@@ -345,9 +368,10 @@ def format_report(r: Report) -> str:
             if name != "total"]
   total = r.memory["total"]
   lines.append(f"  {'total:':<16}{_size(total):>12} of {r.usable_hbm_gib:g} GiB usable "
-               f"({r.hbm_gib:g} GiB HBM), {100 * total / (r.usable_hbm_gib * GiB):.1f}% used")
+               f"({100 * total / (r.usable_hbm_gib * GiB):.1f}%; spec sheet: {r.hbm_spec} HBM)")
   lines += [
-      f"FLOPs per step: {r.flops_compiled:.4g} compiled (cost_analysis x {r.num_chips} chips) | "
+      f"FLOPs per step: {r.flops_compiled:.4g} compiled (cost_analysis x {r.num_chips} chips"
+      + (f" x {r.microbatches} microbatches" if r.microbatches > 1 else "") + ") | "
       f"{r.flops_analytic:.4g} analytic (flops_per_token x {r.tokens_per_step} tokens) | "
       f"ratio {r.flops_compiled / r.flops_analytic:.2f}",
       f"at {100 * r.mfu:g}% MFU ({r.peak_name} bf16 peak {r.peak_per_chip / 1e12:g} TFLOP/s per "
@@ -356,17 +380,38 @@ def format_report(r: Report) -> str:
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  """This program's flags; defined only when it runs, so importing the module defines none."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Path to a config file in configs/ (e.g. configs/c4_130m.py). Override "
+      "any key with --config.key=value, e.g. --config.mesh.fsdp=4.")
+  flags.DEFINE_string(
+      "topology", None, "TPU slice to compile for: GENERATION:CHIPS_PER_AXIS, e.g. v5p:2x2x1, "
+      "v5e:2x4, v4:2x2x1, v6e:2x2 (v4/v5p: 3 axes, v5e/v6e: 2).")
+  flags.DEFINE_integer(
+      "num_slices", 1, "Number of such slices joined over DCN; mesh.data spans them.")
+  flags.DEFINE_float(
+      "mfu", 0.4, "Model FLOPs utilization in (0, 1] assumed for the predicted step time and "
+      "tokens/s.")
+  flags.DEFINE_integer(
+      "vocab_size", 32000, "Base vocabulary size assumed when vocab_path is not a local file "
+      "(32000: T5's cc_all.32000).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.key=value")
-  if _CONFIG.value is None:
-    raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/c4_130m.py")
+  f = flags.FLAGS
+  check_args(f.topology, f.num_slices, f.mfu)  # Before the TensorFlow imports: a typo fails fast.
+  if f.config is None:
+    raise UsageError.setting("--config", None,
+                             "give a config file, e.g. --config=configs/c4_130m.py")
   # Everything runs on the host CPU; the TPU devices come from libtpu's topology description.
   jax.config.update("jax_platforms", "cpu")
-  report = compile_train_step(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _MFU.value,
-                              _VOCAB_SIZE.value)
+  report = compile_train_step(f.config, f.topology, f.num_slices, f.mfu, f.vocab_size)
   print(format_report(report), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   run(main)

@@ -47,7 +47,8 @@ def bench_train(config, vocab_size: int, pause_id: int, steps: int) -> dict[str,
       model_cfg, tx, config.seed, sharding.named_shardings(specs, mesh, rules), mesh)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   state = jax.jit(init_state, out_shardings=shardings)()
-  step_fn = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id),
+  step_fn = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
+                                             config.microbatches),
                     in_shardings=(shardings, batch_sharding), donate_argnums=0)
   rng = np.random.default_rng(0)
   shape = (config.global_batch_size, config.seq_len)

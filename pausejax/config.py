@@ -41,6 +41,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.pause.rate = 0.1                # PausePT: round(rate * seq_len) pauses per chunk, then trim.
   # Schedule.
   c.global_batch_size = 16
+  c.microbatches = 1                # Gradient accumulation: split each global batch into this many.
   c.num_train_steps = 1000
   c.log_every_steps = 10
   c.eval_every_steps = 200          # 0 = only at the end.
@@ -106,6 +107,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for part in key.split("."):
       value = value[part]
     _check(_is_int(value) and value >= 0, key, value, "a non-negative integer")
+  _check(_is_int(c.microbatches) and c.microbatches >= 1 and
+         c.global_batch_size % c.microbatches == 0, "microbatches", c.microbatches,
+         f"a positive integer dividing global_batch_size={c.global_batch_size}")
   _check(_is_int(c.log_every_steps) and c.log_every_steps >= 1, "log_every_steps",
          c.log_every_steps, "a positive integer")
   _check(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "at least 1")

@@ -163,7 +163,8 @@ def _generate_uncached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, voca
 # ----------------------------------------------------------------------------------------------
 # Public API.
 
-def with_pauses(prompts: Sequence[Sequence[int]], num_pauses: int, pause_id: int) -> list[list[int]]:
+def with_pauses(prompts: Sequence[Sequence[int]], num_pauses: int,
+                pause_id: int) -> list[list[int]]:
   """Each prompt followed by `num_pauses` pause ids: what the model reads before answering."""
   if not _is_int(num_pauses) or num_pauses < 0:
     raise UsageError.setting("num_pauses", num_pauses, "an integer >= 0")

@@ -103,7 +103,8 @@ def _multihost_tpu() -> bool:
   """A Cloud TPU VM that is one of several hosts (GKE, GCE TPU VM or multislice)."""
   if not _running_in_cloud_tpu_vm():
     return False
-  if int(os.environ.get("MEGASCALE_NUM_SLICES", "1") or "1") > 1:
+  slices = os.environ.get("MEGASCALE_NUM_SLICES", "1")
+  if slices.isdigit() and int(slices) > 1:  # Multislice: several slices of hosts.
     return True
   hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
   if hosts is not None:  # GKE publishes the worker list in the environment.

@@ -125,20 +125,43 @@ def loss_terms(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str
           "weight_sum": jnp.sum(weights_BxL)}
 
 
-def make_train_step(graphdef, abstract_params, tx, schedule, pause_id: int):
-  def train_step(state: PyTree, batch: dict[str, jax.Array]):
-    def loss_fn(params):
-      terms = loss_terms(apply_model(graphdef, abstract_params, params, batch), batch)
-      return terms["nll_sum"] / jnp.maximum(terms["weight_sum"], 1.0), terms
+def make_train_step(graphdef, abstract_params, tx, schedule, pause_id: int,
+                    microbatches: int = 1):
+  """One optimizer step on a global batch, optionally accumulated over `microbatches`.
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  Gradients are of the *summed* NLL, divided once by the batch's real-token count, so any number
+  of microbatches gives the update of one big batch.
+  """
+  def nll_sum(params, batch):
+    terms = loss_terms(apply_model(graphdef, abstract_params, params, batch), batch)
+    return terms["nll_sum"], terms
+
+  grad_fn = jax.grad(nll_sum, has_aux=True)
+
+  def accumulate(params, batch):
+    if microbatches == 1:
+      return grad_fn(params, batch)
+    # Microbatch j takes rows j, j + k, j + 2k, ...: every device keeps its own rows.
+    split = jax.tree.map(
+        lambda x: x.reshape(-1, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, microbatch):
+      return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params,
+                                                        jax.tree.map(lambda x: x[0], split)))
+    return jax.lax.scan(body, zeros, split)[0]
+
+  def train_step(state: PyTree, batch: dict[str, jax.Array]):
+    grads, terms = accumulate(state["params"], batch)
+    real = jnp.maximum(terms["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g: g / real, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    targets = batch["decoder_target_tokens"]
-    total = jnp.sum(targets != 0).astype(jnp.float32)
+    total = jnp.sum(batch["decoder_target_tokens"] != 0).astype(jnp.float32)
     step_metrics = {
-        "train_loss": loss,
-        "train_accuracy": terms["correct_sum"] / jnp.maximum(terms["weight_sum"], 1.0),
+        "train_loss": terms["nll_sum"] / real,
+        "train_accuracy": terms["correct_sum"] / real,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state["step"]),
         "pause_fraction": jnp.sum(batch["decoder_input_tokens"] == pause_id) / jnp.maximum(total, 1),
@@ -268,7 +291,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   lead = jax.process_index() == 0
   logger = metrics.MetricsLogger(workdir, total_steps=config.num_train_steps, is_lead_host=lead)
   logger.truncate_after(start_step)
-  train_step = jax.jit(make_train_step(graphdef, abstract_params, tx, schedule, data.pause_id),
+  train_step = jax.jit(make_train_step(graphdef, abstract_params, tx, schedule, data.pause_id,
+                                       config.microbatches),
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, abstract_params),

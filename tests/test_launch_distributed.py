@@ -161,7 +161,8 @@ def test_not_a_tpu_vm_here():
 
 # A real run: two processes x two CPU devices, joined through PAUSEJAX_* and gloo.
 PROGRAM = """
-import jax, jax.numpy as jnp, numpy as np
+import sys
+import jax, numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 from pausejax import distributed
@@ -175,8 +176,11 @@ total = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_spec
                               out_specs=P("d")))(x)
 mine = [float(s.data[0]) for s in total.addressable_shards]
 names = multihost_utils.process_allgather(np.array([100 + jax.process_index()]))
-print(jax.process_index(), jax.process_count(), jax.device_count(), mine,
-      names.ravel().tolist(), distributed.is_lead_host())
+# One write() for the whole line: gloo's C++ threads print to the same stdout at their own times.
+result = (jax.process_index(), jax.process_count(), jax.device_count(), mine,
+          names.ravel().tolist(), distributed.is_lead_host())
+sys.stdout.write("RESULT " + " ".join(map(str, result)) + "\\n")
+sys.stdout.flush()
 """
 
 
@@ -207,10 +211,10 @@ def test_two_processes_psum_and_allgather_over_gloo(route):
     for p in procs:
       out, err = p.communicate(timeout=120)
       assert p.returncode == 0, err
-      outputs += [line for line in out.splitlines() if not line.startswith("[Gloo]")]
+      outputs += [line[line.index("RESULT"):] for line in out.splitlines() if "RESULT" in line]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert outputs == ["0 2 4 [10.0, 10.0] [100, 101] True",
-                     "1 2 4 [10.0, 10.0] [100, 101] False"]
+  assert outputs == ["RESULT 0 2 4 [10.0, 10.0] [100, 101] True",
+                     "RESULT 1 2 4 [10.0, 10.0] [100, 101] False"]

@@ -26,7 +26,7 @@ GOLDEN = pathlib.Path(__file__).parent / "golden"
 UPDATE = os.environ.get("PAUSEJAX_UPDATE_GOLDEN") == "1"
 
 POD = ["tpu_pod.py", "--name=pj-v5p", "--zone=us-east5-a", "--project=my-proj", "--dry-run"]
-TRAIN = ["--", "--config=configs/c4_pause.py", "--workdir=gs://my-bucket/runs/c4_pause",
+TRAIN = ["--", "--config=configs/c4_130m.py", "--workdir=gs://my-bucket/runs/c4_130m_pause",
          "--config.tfds_data_dir=gs://my-bucket/tfds"]
 GPU_FLAGS = ["--python=python3", "--dry-run"]
 
@@ -46,13 +46,13 @@ CASES = {
     "tpu_pod_delete": [*POD, "delete"],
     "tpu_pod_delete_queued": [*POD, "--queued", "delete"],
     "tpu_pod_babysit": [*POD, "babysit", "--accelerator_type=v5p-32", "--spot", *TRAIN],
-    "gpu": ["gpu.py", *GPU_FLAGS, "--env=NCCL_DEBUG=WARN", "--", "--config=configs/c4_pause.py",
-            "--workdir=/data/runs/c4_pause"],
+    "gpu": ["gpu.py", *GPU_FLAGS, "--env=NCCL_DEBUG=WARN", "--", "--config=configs/c4_130m.py",
+            "--workdir=/data/runs/c4_130m_pause"],
     "gpu_no_perf_flags": ["gpu.py", *GPU_FLAGS, "--no-perf_flags", "--mem_fraction=0.75", "--",
                           "--config=configs/tiny.py", "--workdir=/tmp/pj"],
     "slurm_per_gpu": ["slurm.py", *GPU_FLAGS, "--nodes=4", "--gpus_per_node=8",
                       "--partition=gpu", "--account=lm-team", "--time=2-00:00:00", "--requeue",
-                      "--", "--config=configs/c4_pause.py", "--workdir=/shared/runs/c4_pause"],
+                      "--", "--config=configs/c4_130m.py", "--workdir=/shared/runs/c4_130m_pause"],
     "slurm_per_node": ["slurm.py", *GPU_FLAGS, "--nodes=2", "--gpus_per_node=4",
                        "--process_per=node", "--job_name=pj-small", "--cpus_per_task=32",
                        "--exclusive", "--output=logs/%x-%j.out", "--",

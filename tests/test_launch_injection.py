@@ -27,6 +27,10 @@ def _load_harness():
 
 
 h = _load_harness()
+sys.path.insert(0, str(h.REPO))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from launch import _common, gpu, local, slurm, tpu_pod
+
 G = ["--name=pj", "--zone=us-east5-a", "--project=my-proj"]
 
 # {m} becomes the marker file's absolute path: if any of these is ever run by a shell, it appears.
@@ -85,7 +89,8 @@ def _assert_refused(r, tools):
 
 VALIDATED = [
     ([], "--name"), ([], "--zone"), ([], "--project"),
-    (["create"], "--accelerator_type"), (["create", "--accelerator_type=v5p-8"], "--runtime_version"),
+    (["create"], "--accelerator_type"),
+    (["create", "--accelerator_type=v5p-8"], "--runtime_version"),
     (["setup"], "--python_version"), (["setup"], "--extras"),
     (["run"], "--module"), (["run"], "--env"),
     (["logs"], "--worker"), (["logs"], "--lines"), (["status"], "--poll_seconds"),
@@ -93,14 +98,23 @@ VALIDATED = [
 ]
 
 
+def _refuses(tools, marker, script, main, argv_for):
+  """Every hostile value is refused: in-process (--dry-run, so a miss could run nothing) for all
+  of them, and through the real command line (no dry run) for one."""
+  for value in _values(marker):
+    with pytest.raises(_common.UsageError):
+      main(["--dry-run", *argv_for(value)])
+  _assert_refused(tools.run(script, *argv_for(_values(marker)[3])), tools)
+
+
 @pytest.mark.parametrize("prefix,flag", VALIDATED, ids=[f for _, f in VALIDATED])
 def test_tpu_pod_refuses_hostile_words(tools, marker, prefix, flag):
   train = ["--", "--workdir=/tmp/w"] if prefix[:1] in (["run"], ["babysit"]) else []
-  for value in _sample(marker):
-    args = ([f"{flag}={value}"] + G[1:] + ["delete"]) if not prefix else [*G, *prefix,
-                                                                           f"{flag}={value}"]
-    r = tools.run("tpu_pod.py", *args, *train)
-    _assert_refused(r, tools)
+  def argv_for(value):
+    if not prefix:
+      return [f"{flag}={value}", *G[1:], "delete"]
+    return [*G, *prefix, f"{flag}={value}", *train]
+  _refuses(tools, marker, "tpu_pod.py", tpu_pod.main, argv_for)
 
 
 # --- tpu_pod.py: free-form values reach the worker literally. --------------------------------
@@ -139,18 +153,15 @@ def test_tpu_pod_remote_dir_is_one_literal_path(tools, marker, tmp_path):
     project = remote / "worker-1" / value
     h.wait_for(project / "logs" / "train.exitcode")
     assert pathlib.Path(json.loads((project / "argv.json").read_text())["cwd"]) == project
-  # Every other subcommand's worker script names the directory as the same single token.
-  del tools.env["FAKE_GCLOUD_REMOTE"]
-  for sub, values in ((["status"], accepted), (["stop"], executed), (["logs"], executed),
-                      (["setup", "--repo=x"], executed)):
-    for value in values:
-      tools.clear()
-      r = tools.run("tpu_pod.py", *G, f"--remote_dir={value}", *sub)
-      assert r.returncode == 0, r.stderr
-      ssh = tools.gcloud_calls()[-1]
-      command = next(a.split("=", 1)[1] for a in ssh if a.startswith("--command="))
+  # Every worker script names the directory as the same single token.
+  for value in accepted:
+    for command in (tpu_pod.status_command(value), tpu_pod.stop_command(value, 1),
+                    tpu_pod.logs_command(value, 10, True),
+                    tpu_pod.run_command(value, "m", ["--workdir=w"], [], ""),
+                    tpu_pod.setup_command(value, None, "HEAD", "3.11", "tpu"),
+                    tpu_pod.setup_command(value, "https://x", "HEAD", "3.11", "tpu")):
       tokens = _shell_tokens(command)
-      assert value in tokens or f"{value}/logs/train.log" in tokens, (sub, value)
+      assert value in tokens or f"{value}/logs/train.log" in tokens, (command, value)
   tools.clear()
   r = tools.run("tpu_pod.py", *G, "--remote_dir=--flag=evil", "status")
   _assert_refused(r, tools)
@@ -210,7 +221,8 @@ def test_local_passes_the_command_argv_literally(tools, marker, tmp_path):
   values = _values(marker)
   out = tmp_path / "argv"
   program = ("import json, os, sys; "
-             "open(sys.argv[1] + os.environ['PAUSEJAX_PROCESS_ID'], 'w').write(json.dumps(sys.argv[2:]))")
+             "open(sys.argv[1] + os.environ['PAUSEJAX_PROCESS_ID'], 'w')"
+             ".write(json.dumps(sys.argv[2:]))")
   r = tools.run("local.py", "--num_processes=2", "--", sys.executable, "-c", program, str(out),
                 *values)
   assert r.returncode == 0, r.stderr
@@ -218,7 +230,9 @@ def test_local_passes_the_command_argv_literally(tools, marker, tmp_path):
     assert json.loads(pathlib.Path(f"{out}{i}").read_text()) == values
   for flag in ("--num_processes", "--devices_per_process", "--port"):
     for value in _sample(marker):
-      _assert_refused(tools.run("local.py", f"{flag}={value}", "--", "true"), tools)
+      with pytest.raises(_common.UsageError):
+        local.main([f"{flag}={value}", "--", "true"])
+    _assert_refused(tools.run("local.py", f"{flag}={values[3]}", "--", "true"), tools)
 
 
 # --- gpu.py ----------------------------------------------------------------------------------
@@ -235,12 +249,12 @@ def test_gpu_passes_values_literally(tools, marker, tmp_path):
   assert record["argv"] == ["-m", "pausejax.train", *values]
   assert [record["env"][f"V{i}"] for i in range(len(values))] == values
   assert record["env"]["XLA_FLAGS"].endswith(" " + xla)
-  for value in _sample(marker):
-    for flag in ("--module", "--mem_fraction", "--xla_flags"):
-      _assert_refused(tools.run("gpu.py", f"{flag}={value}", "--", "x"), tools)
+  for flag in ("--module", "--mem_fraction", "--xla_flags"):
+    _refuses(tools, marker, "gpu.py", gpu.main, lambda v, flag=flag: [f"{flag}={v}", "--", "x"])
   r = tools.run("gpu.py", f"--python={values[3]}", "--", "x")
   assert r.returncode == 1  # "cannot start": the value was a program name, never shell text.
-  assert h.error_lines(r.stderr) == [f"error: cannot start {values[3]!r}: No such file or directory"]
+  assert h.error_lines(r.stderr) == [
+      f"error: cannot start {values[3]!r}: No such file or directory"]
 
 
 # --- slurm.py --------------------------------------------------------------------------------
@@ -268,5 +282,4 @@ def test_slurm_script_runs_srun_with_literal_values(tools, marker, tmp_path):
                                   "--nodes", "--gpus_per_node", "--cpus_per_task", "--module",
                                   "--process_per"])
 def test_slurm_refuses_hostile_sbatch_values(tools, marker, flag):
-  for value in _sample(marker):
-    _assert_refused(tools.run("slurm.py", f"{flag}={value}", "--", "--workdir=/w"), tools)
+  _refuses(tools, marker, "slurm.py", slurm.main, lambda v: [f"{flag}={v}", "--", "--workdir=/w"])

@@ -27,6 +27,7 @@ h = _load_harness()
 # A "two-host" program: joins the other process, checks the topology, and runs collectives whose
 # values need both processes' data.
 PROGRAM = """
+import sys
 import jax, numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -39,7 +40,10 @@ local = np.arange(2, dtype=np.float32) + 2 * jax.process_index() + 1  # p0: 1,2 
 x = multihost_utils.host_local_array_to_global_array(local, mesh, P("d"))
 total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(x)
 ids = multihost_utils.process_allgather(np.array([jax.process_index() * 10 + 7]))
-print(f"sum={float(total)} ids={ids.ravel().tolist()} lead={distributed.is_lead_host()}")
+# One write() for the whole line: gloo's C++ threads print to the same stdout at their own times.
+sys.stdout.write(
+    f"RESULT sum={float(total)} ids={ids.ravel().tolist()} lead={distributed.is_lead_host()}\\n")
+sys.stdout.flush()
 """
 
 
@@ -55,9 +59,10 @@ def test_two_local_hosts_run_cross_process_collectives(tools):
   r = tools.run("local.py", "--num_processes=2", "--devices_per_process=2", "--",
                 sys.executable, "-c", PROGRAM, timeout=120)
   assert r.returncode == 0, r.stdout + r.stderr
-  lines = r.stdout.splitlines()
-  assert "[p0] sum=10.0 ids=[7, 17] lead=True" in lines
-  assert "[p1] sum=10.0 ids=[7, 17] lead=False" in lines
+  results = sorted(line[:5] + line[line.index("RESULT"):] for line in r.stdout.splitlines()
+                   if "RESULT" in line)
+  assert results == ["[p0] RESULT sum=10.0 ids=[7, 17] lead=True",
+                     "[p1] RESULT sum=10.0 ids=[7, 17] lead=False"]
 
 
 def test_each_process_gets_its_environment(tools, tmp_path):
@@ -129,7 +134,8 @@ else:
 def test_ctrl_c_stops_every_process(tools, tmp_path):
   program = f"""
 import os, pathlib, time
-pathlib.Path({str(tmp_path)!r}, "pid" + os.environ["PAUSEJAX_PROCESS_ID"]).write_text(str(os.getpid()))
+me = os.environ["PAUSEJAX_PROCESS_ID"]
+pathlib.Path({str(tmp_path)!r}, "pid" + me).write_text(str(os.getpid()))
 time.sleep(60)
 """
   proc = subprocess.Popen([sys.executable, str(h.REPO / "launch" / "local.py"),

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 import shlex
+import subprocess
 import tarfile
 
 import pytest
@@ -24,7 +24,7 @@ def _load_harness():
 h = _load_harness()
 G = ["--name=pj", "--zone=us-east5-a", "--project=my-proj"]
 WHERE = ["--zone=us-east5-a", "--project=my-proj"]
-TRAIN = ["--config=configs/c4_pause.py", "--workdir=gs://bkt/runs/a"]
+TRAIN = ["--config=configs/c4_130m.py", "--workdir=gs://bkt/runs/a"]
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_babysit_recreates_a_preempted_slice_and_restarts_training(tools):
                       "--version=v2-alpha-tpuv5", "--spot", *WHERE]
   assert "git clone --quiet -- https://example.com/pj.git" in _command(calls[5])
   run = shlex.split(_command(calls[6]))
-  i = run.index(".venv/bin/python")
+  i = run.index("-m") - 1
   assert run[i:i + 5] == [".venv/bin/python", "-m", "pausejax.train", *TRAIN]
   assert "restart 1/20: recreate" in r.stdout and "training finished" in r.stdout
 
@@ -213,6 +213,19 @@ def test_babysit_does_not_restart_a_crashed_training(tools):
 
 # --- The worker-side scripts, really executed by bash in stand-in worker directories. ---------
 
+def _live_members(pgid: int) -> list[int]:
+  """Processes of group `pgid` that have not exited (from /proc, skipping zombies)."""
+  members = []
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if int(fields[2]) == pgid and fields[0] != "Z":
+      members.append(int(stat.parent.name))
+  return members
+
+
 @pytest.fixture
 def workers(tools, tmp_path):
   """Two fake workers with the project set up (a recording stand-in for .venv/bin/python)."""
@@ -241,6 +254,13 @@ def test_run_starts_detached_training_on_every_worker(tools, workers):
              for c in copies)
 
 
+def test_run_before_setup_says_so(tools, tmp_path):
+  tools.env["FAKE_GCLOUD_REMOTE"] = str(tmp_path / "bare_workers")
+  r = tools.run("tpu_pod.py", *G, "run", "--", *TRAIN)
+  assert r.returncode == 1
+  assert "not set up on this worker; run the setup subcommand first" in h.error_lines(r.stderr)[-1]
+
+
 def test_status_stop_and_logs_on_running_training(tools, workers):
   r = tools.run("tpu_pod.py", *G, "run", "--env=FAKE_TRAIN_SLEEP=60", "--env=FAKE_TRAIN_ON_TERM=0",
                 "--no-copy_logs", "--", *TRAIN)
@@ -265,7 +285,26 @@ def test_status_stop_and_logs_on_running_training(tools, workers):
     assert h.wait_for(project / "logs" / "train.exitcode").strip() == "0"
     assert (project / "terms").read_text() == "TERM\n"
     pgid = int((project / "logs" / "train.pid").read_text())
-    with pytest.raises(ProcessLookupError):
-      os.killpg(pgid, 0)  # The whole process group is gone.
+    assert _live_members(pgid) == []  # Nothing of the run is left (zombies aside).
   status = tools.run("tpu_pod.py", *G, "status")
   assert status.stdout.count("pausejax-train: exited 0") == 2
+
+
+def test_a_stale_pid_file_never_gets_another_process_killed(tools, workers):
+  # After a reboot the recorded number may belong to an unrelated process (group).
+  bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+  try:
+    for project in workers:
+      (project / "logs").mkdir()
+      (project / "logs" / "train.pid").write_text(f"{bystander.pid}\n")
+    status = tools.run("tpu_pod.py", *G, "status")
+    assert status.stdout.count("pausejax-train: not running") == 2
+    assert tools.run("tpu_pod.py", *G, "stop", "--grace_seconds=1").returncode == 0
+    assert bystander.poll() is None  # Still alive.
+    r = tools.run("tpu_pod.py", *G, "run", "--no-copy_logs", "--", *TRAIN)  # Not "already running".
+    assert r.returncode == 0, r.stderr
+    for project in workers:
+      assert h.wait_for(project / "logs" / "train.exitcode").strip() == "0"
+  finally:
+    bystander.kill()
+    bystander.wait()

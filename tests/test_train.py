@@ -118,3 +118,17 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tfds_dir, tmp_path, re
   assert stopped_at is not None and stopped_at < 12
   _train(tiny_config(tfds_dir), tmp_path)
   assert _losses(_read(tmp_path)) == _losses(reference_run)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tfds_dir, tmp_path):
+  base = tiny_config(tfds_dir, num_train_steps=4, eval_every_steps=0, log_every_steps=1)
+  _train(base, tmp_path / "one")
+  accumulated = tiny_config(tfds_dir, num_train_steps=4, eval_every_steps=0, log_every_steps=1,
+                            microbatches=4)
+  _train(accumulated, tmp_path / "four")
+  one, four = _losses(_read(tmp_path / "one")), _losses(_read(tmp_path / "four"))
+  assert one.keys() == four.keys() and len(one) == 5  # 4 train losses + the final eval.
+  for key in one:
+    assert four[key] == pytest.approx(one[key], rel=1e-4), key
+  # Not trivially equal: the updates changed the loss from step to step.
+  assert len({round(v, 4) for v in one.values()}) == 5
