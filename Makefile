@@ -18,21 +18,21 @@ $(VENV)/.installed: setup.py constraints.txt
 	touch $@
 
 demo: venv
-	$(PY) -m pausejax.train --config=configs/tiny.py --workdir=$(DEMO_DIR) \
+	JAX_PLATFORMS=cpu $(PY) -m pausejax.train --config=configs/tiny.py --workdir=$(DEMO_DIR) \
 	    --config.tfds_data_dir=$(CURDIR)/runs/tensorflow_datasets
 
 # Fast set by default; `make test-all` adds the slow tests.
 test: venv
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv
-	$(PY) -m pausejax.bench --config=configs/tiny.py \
+	JAX_PLATFORMS=cpu $(PY) -m pausejax.bench --config=configs/tiny.py \
 	    --config.tfds_data_dir=$(CURDIR)/runs/tensorflow_datasets
 
 clean:
