@@ -6,22 +6,13 @@ After an intended change, regenerate them and review the diff:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
 import pytest
 
 
-def _load_harness():
-  path = pathlib.Path(__file__).parent / "fakes" / "harness.py"
-  spec = importlib.util.spec_from_file_location("launch_harness", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-h = _load_harness()
+from fakes import harness as h  # tests/ is on sys.path (pytest rootdir conftest).
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 UPDATE = os.environ.get("PAUSEJAX_UPDATE_GOLDEN") == "1"
 

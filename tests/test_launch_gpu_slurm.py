@@ -3,7 +3,6 @@ sbatch submission (against a fake sbatch)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -13,15 +12,7 @@ import sys
 import pytest
 
 
-def _load_harness():
-  path = pathlib.Path(__file__).parent / "fakes" / "harness.py"
-  spec = importlib.util.spec_from_file_location("launch_harness", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-h = _load_harness()
+from fakes import harness as h  # tests/ is on sys.path (pytest rootdir conftest).
 sys.path.insert(0, str(h.REPO))
 from launch import gpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 

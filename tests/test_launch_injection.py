@@ -8,7 +8,6 @@ run `touch` and create the marker file, not just look wrong.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import shlex
@@ -18,15 +17,7 @@ import sys
 import pytest
 
 
-def _load_harness():
-  path = pathlib.Path(__file__).parent / "fakes" / "harness.py"
-  spec = importlib.util.spec_from_file_location("launch_harness", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-h = _load_harness()
+from fakes import harness as h  # tests/ is on sys.path (pytest rootdir conftest).
 sys.path.insert(0, str(h.REPO))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from launch import _common, gpu, local, slurm, tpu_pod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -14,15 +13,7 @@ import time
 import pytest
 
 
-def _load_harness():
-  path = pathlib.Path(__file__).parent / "fakes" / "harness.py"
-  spec = importlib.util.spec_from_file_location("launch_harness", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-h = _load_harness()
+from fakes import harness as h  # tests/ is on sys.path (pytest rootdir conftest).
 
 # A "two-host" program: joins the other process, checks the topology, and runs collectives whose
 # values need both processes' data.

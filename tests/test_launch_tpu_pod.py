@@ -3,7 +3,6 @@ worker-side shell scripts really run (with bash, in directories standing in for 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import shlex
@@ -13,15 +12,7 @@ import tarfile
 import pytest
 
 
-def _load_harness():
-  path = pathlib.Path(__file__).parent / "fakes" / "harness.py"
-  spec = importlib.util.spec_from_file_location("launch_harness", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-h = _load_harness()
+from fakes import harness as h  # tests/ is on sys.path (pytest rootdir conftest).
 G = ["--name=pj", "--zone=us-east5-a", "--project=my-proj"]
 WHERE = ["--zone=us-east5-a", "--project=my-proj"]
 TRAIN = ["--config=configs/c4_130m.py", "--workdir=gs://bkt/runs/a"]
