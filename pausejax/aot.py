@@ -270,7 +270,7 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   config_lib.validate(config)
   from pausejax import metrics
   from pausejax import specials
-  from pausejax import train as train_lib
+  from pausejax import step as step_lib
   chip = CHIPS[generation]
   devices = topology_devices(generation, axes, num_slices)
 
@@ -281,16 +281,16 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   batch_sharding = sharding.batch_sharding(mesh, rules)
   rows, base, source = vocab_rows(config, assumed_vocab)
   model_cfg = model_lib.ModelConfig.from_config(config.model, rows)
-  graphdef, abstract_params = train_lib.abstract_model(model_cfg)
-  param_specs = train_lib.param_logical_specs(abstract_params)
+  graphdef, abstract_params = step_lib.abstract_model(model_cfg)
+  param_specs = step_lib.param_logical_specs(abstract_params)
   param_shardings = sharding.named_shardings(param_specs, mesh, rules)
-  tx, schedule = train_lib.make_optimizer(config.optimizer, config.num_train_steps, param_specs)
-  _, abstract_state, state_shardings = train_lib.make_state(model_cfg, tx, config.seed,
+  tx, schedule = step_lib.make_optimizer(config.optimizer, config.num_train_steps, param_specs)
+  _, abstract_state, state_shardings = step_lib.make_state(model_cfg, tx, config.seed,
                                                             param_shardings, mesh)
   pause_id = base + specials.SPECIAL_TOKENS.index(specials.PAUSE)
   # Gradient accumulation, where the config has it, exactly as pausejax.train runs it.
   accumulate = {"microbatches": config.microbatches} if "microbatches" in config else {}
-  train_step = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
+  train_step = jax.jit(step_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
                                                  **accumulate),
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, state_shardings["step"]), donate_argnums=0)

@@ -1,6 +1,8 @@
 r"""Benchmark: train-step throughput and MFU, and input-pipeline throughput with/without pauses.
 
     python -m pausejax.bench --config=configs/tiny.py [--train_steps=10] [--pipeline_batches=50]
+    python -m pausejax.bench --config=configs/c4_130m.py --base_vocab_size=32000 --nopipeline \
+        --config.global_batch_size=32   # model speed only: no data, no TensorFlow
 
 Train throughput uses random token batches of the config's shape (model speed alone); the
 pipeline figures run the real SeqIO pipeline of `config.task` at pause.rate 0 and at the config's
@@ -19,13 +21,11 @@ from ml_collections import config_flags
 import numpy as np
 
 from pausejax import config as config_lib
-from pausejax import data as data_lib
 from pausejax import distributed
 from pausejax import metrics
 from pausejax import model as model_lib
 from pausejax import sharding
-from pausejax import specials
-from pausejax import train as train_lib
+from pausejax import step as step_lib
 from pausejax.errors import UsageError
 from pausejax.errors import run
 
@@ -34,20 +34,27 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps (after
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 50,
                                          "Timed input batches per pipeline (after 5 warm-up).")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+_PIPELINE = flags.DEFINE_bool("pipeline", True, "Also time the input pipeline (needs the data).")
+_BASE_VOCAB = flags.DEFINE_integer(
+    "base_vocab_size", 0, "Use this base vocabulary size instead of loading config.vocab_path "
+    "(e.g. 32000 for T5's cc_all.32000); with --nopipeline no data or TensorFlow is needed.")
+
+NUM_SPECIALS = 3  # <pause>, <sink>, <backspace>: pausejax.specials.
 
 
 def bench_train(config, vocab_size: int, pause_id: int, steps: int) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_dict(config.logical_axis_rules)
-  model_cfg = model_lib.ModelConfig.from_config(config.model, specials.padded_vocab_size(vocab_size))
-  graphdef, abstract_params = train_lib.abstract_model(model_cfg)
-  specs = train_lib.param_logical_specs(abstract_params)
-  tx, schedule = train_lib.make_optimizer(config.optimizer, max(config.num_train_steps, 1), specs)
-  init_state, _, shardings = train_lib.make_state(
+  padded = -(-vocab_size // 128) * 128  # As specials.padded_vocab_size, without importing TF.
+  model_cfg = model_lib.ModelConfig.from_config(config.model, padded)
+  graphdef, abstract_params = step_lib.abstract_model(model_cfg)
+  specs = step_lib.param_logical_specs(abstract_params)
+  tx, schedule = step_lib.make_optimizer(config.optimizer, max(config.num_train_steps, 1), specs)
+  init_state, _, shardings = step_lib.make_state(
       model_cfg, tx, config.seed, sharding.named_shardings(specs, mesh, rules), mesh)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   state = jax.jit(init_state, out_shardings=shardings)()
-  step_fn = jax.jit(train_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
+  step_fn = jax.jit(step_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
                                              config.microbatches),
                     in_shardings=(shardings, batch_sharding), donate_argnums=0)
   rng = np.random.default_rng(0)
@@ -79,6 +86,7 @@ def bench_train(config, vocab_size: int, pause_id: int, steps: int) -> dict[str,
 
 def bench_pipeline(config, rate: float, batches: int) -> float:
   """Tokens/s of the batched model features (all positions, pauses included)."""
+  from pausejax import data as data_lib  # Only here: it loads TensorFlow and SeqIO.
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.pause.rate = rate
@@ -102,14 +110,21 @@ def main(argv):
   if config is None:
     raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
   config_lib.validate(config)
-  data = data_lib.prepare(config)
+  if _BASE_VOCAB.value:
+    vocab_size, pause_id = _BASE_VOCAB.value + NUM_SPECIALS, _BASE_VOCAB.value
+  else:
+    from pausejax import data as data_lib
+    data = data_lib.prepare(config)
+    vocab_size, pause_id = data.vocabulary.vocab_size, data.pause_id
   results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
              "config": {"seq_len": config.seq_len, "global_batch_size": config.global_batch_size,
                         "pause_rate": config.pause.rate, "task": config.task}}
-  results.update(bench_train(config, data.vocabulary.vocab_size, data.pause_id, _TRAIN_STEPS.value))
-  results["pipeline_tokens_per_sec_no_pauses"] = bench_pipeline(config, 0.0, _PIPELINE_BATCHES.value)
-  results["pipeline_tokens_per_sec_pauses"] = bench_pipeline(
-      config, config.pause.rate, _PIPELINE_BATCHES.value)
+  results.update(bench_train(config, vocab_size, pause_id, _TRAIN_STEPS.value))
+  if _PIPELINE.value:
+    results["pipeline_tokens_per_sec_no_pauses"] = bench_pipeline(
+        config, 0.0, _PIPELINE_BATCHES.value)
+    results["pipeline_tokens_per_sec_pauses"] = bench_pipeline(
+        config, config.pause.rate, _PIPELINE_BATCHES.value)
   print(f"device             {results['device']}")
   print(f"model              {results['params'] / 1e6:.2f}M params, batch "
         f"{config.global_batch_size} x {config.seq_len}")
@@ -117,8 +132,10 @@ def main(argv):
         f"({results['step_time_s'] * 1e3:.0f} ms/step)")
   print(f"MFU                {100 * results['mfu']:.1f}% (peak {results['peak_flops_per_device']:.3g}"
         f" FLOP/s per device, {results['peak_source']})")
-  print(f"pipeline, rate 0   {results['pipeline_tokens_per_sec_no_pauses']:,.0f} tokens/s")
-  print(f"pipeline, rate {config.pause.rate:<4g}{results['pipeline_tokens_per_sec_pauses']:,.0f} tokens/s")
+  if _PIPELINE.value:
+    print(f"pipeline, rate 0   {results['pipeline_tokens_per_sec_no_pauses']:,.0f} tokens/s")
+    print(f"pipeline, rate {config.pause.rate:<4g}"
+          f"{results['pipeline_tokens_per_sec_pauses']:,.0f} tokens/s")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(results, f, indent=2)

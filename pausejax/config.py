@@ -61,6 +61,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"         # Compute dtype; bfloat16 on TPU/GPU.
   c.model.param_dtype = "float32"
   c.model.rope_theta = 10_000.0
+  c.model.attention = "xla"         # "cudnn": fused flash attention on NVIDIA GPUs (bf16).
   # Optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3
@@ -96,8 +97,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "a fraction in [0, 1), e.g. 0.1 for the paper's PausePT")
   _check(_is_int(c.seq_len) and c.seq_len >= 2, "seq_len", c.seq_len,
          "an integer >= 2 (the paper uses 2048)")
-  from pausejax import pause  # Local import: keeps this module free of TF at import time.
-  _check(c.seq_len - pause.num_pauses(rate, c.seq_len) >= 1, "seq_len", c.seq_len,
+  # At least one real token per chunk: L - pause.num_pauses(rate, L) >= 1, which (num_pauses
+  # rounds half up) is rate * L + 0.5 < L. Written out so validation needs no TensorFlow.
+  _check(rate * c.seq_len + 0.5 < c.seq_len, "seq_len", c.seq_len,
          f"too short to keep any real token at pause.rate={rate}")
   _check(_is_int(c.global_batch_size) and c.global_batch_size >= 1, "global_batch_size",
          c.global_batch_size, "a positive integer")
@@ -119,6 +121,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "an even integer (RoPE rotates pairs)")
   for key in ("dtype", "param_dtype"):
     _check(m[key] in DTYPES, f"model.{key}", m[key], f"one of {', '.join(DTYPES)}")
+  if m.get("attention", "xla") == "cudnn":
+    import jax  # Here: validation of everything else must not start a backend.
+    _check(jax.default_backend() == "gpu", "model.attention", "cudnn",
+           f"'xla' on {jax.default_backend()}; cudnn attention runs on NVIDIA GPUs only")
   o = c.optimizer
   _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a positive number")
   _check(0 <= o.end_lr_ratio <= 1, "optimizer.end_lr_ratio", o.end_lr_ratio, "a number in [0, 1]")

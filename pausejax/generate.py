@@ -27,7 +27,7 @@ from pausejax import distributed
 from pausejax import model as model_lib
 from pausejax import sharding
 from pausejax import specials
-from pausejax import train as train_lib
+from pausejax import step as step_lib
 from pausejax.errors import UsageError
 from pausejax.errors import run
 
@@ -45,10 +45,10 @@ def load_params(config, directory: str, model_cfg: model_lib.ModelConfig):
   """The params of the latest checkpoint in `directory`, in the config's shardings."""
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_dict(config.logical_axis_rules)
-  _, abstract_params = train_lib.abstract_model(model_cfg)
-  specs = train_lib.param_logical_specs(abstract_params)
-  tx, _ = train_lib.make_optimizer(config.optimizer, config.num_train_steps, specs)
-  _, abstract_state, _ = train_lib.make_state(
+  _, abstract_params = step_lib.abstract_model(model_cfg)
+  specs = step_lib.param_logical_specs(abstract_params)
+  tx, _ = step_lib.make_optimizer(config.optimizer, config.num_train_steps, specs)
+  _, abstract_state, _ = step_lib.make_state(
       model_cfg, tx, config.seed, sharding.named_shardings(specs, mesh, rules), mesh)
   ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints, save_every_steps=1,
                                  async_save=False)

@@ -24,7 +24,6 @@ import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
 
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +49,7 @@ class MetricsLogger:
     if is_lead_host:
       os.makedirs(workdir, exist_ok=True)
     # Lead host: absl log + TF summary files in workdir. Others: absl log only.
+    from clu import metric_writers  # Here, not at the top: it loads TensorFlow.
     self._writer = metric_writers.create_default_writer(
         logdir=workdir, just_logging=not is_lead_host)
     self._closed = False

@@ -97,6 +97,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   max_len: int | None = None  # Longest sequence accepted (None: no limit; RoPE has none).
+  attention: str = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn' (GPU).
 
   def __post_init__(self):
     if not _is_positive_int(self.vocab_size):
@@ -118,6 +119,12 @@ class ModelConfig:
     # Frozen dataclass: normalise dtypes once so every module can use them directly.
     object.__setattr__(self, 'dtype', _to_dtype('model.dtype', self.dtype))
     object.__setattr__(self, 'param_dtype', _to_dtype('model.param_dtype', self.param_dtype))
+    if self.attention not in ('xla', 'cudnn'):
+      raise UsageError.setting('model.attention', self.attention,
+                               "'xla' (any device) or 'cudnn' (NVIDIA GPU flash attention)")
+    if self.attention == 'cudnn' and self.dtype == jnp.float32:
+      raise UsageError.setting('model.attention', self.attention,
+                               "'xla' with model.dtype=float32; cudnn needs bfloat16 or float16")
 
   @classmethod
   def from_config(cls, cfg_model: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -203,8 +210,10 @@ class Attention(nnx.Module):
     return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
 
   def _attend(self, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS) -> jax.Array:
-    # Scores and softmax run in float32 inside; scale 1/sqrt(K).
-    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS)
+    # Scale 1/sqrt(K). mask None = plain causal, which fused kernels apply without a mask array.
+    impl = None if self.cfg.attention == 'xla' else self.cfg.attention
+    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS,
+                                             is_causal=mask_Bx1xLxS is None, implementation=impl)
     return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, self.out[...].astype(self.cfg.dtype))
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL) -> jax.Array:
@@ -303,7 +312,7 @@ class Decoder(nnx.Module):
       raise ValueError(f'sequence length {length} exceeds max_len {cfg.max_len}')
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    mask_Bx1xLxL = attention_mask(length, segment_ids_BxL)
+    mask_Bx1xLxL = None if segment_ids_BxL is None else attention_mask(length, segment_ids_BxL)
 
     x_BxLxD = self._embed(tokens_BxL)
     for block in self.blocks:

@@ -47,6 +47,22 @@ def test_seq_len_too_short_for_the_pause_rate(tfds_dir, tmp_path):
                 "seq_len", "real token")
 
 
+def test_seq_len_check_agrees_with_num_pauses():
+  from pausejax import config as config_lib
+  from pausejax import pause
+  for seq_len in range(2, 40):
+    for rate in (0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 0.9, 0.95, 0.99):
+      c = config_lib.defaults()
+      c.seq_len, c.pause.rate = seq_len, rate
+      keeps_a_token = seq_len - pause.num_pauses(rate, seq_len) >= 1
+      try:
+        config_lib.validate(c)
+        valid = True
+      except UsageError:
+        valid = False
+      assert valid == keeps_a_token, (seq_len, rate)
+
+
 def test_unknown_task(tfds_dir, tmp_path):
   msg = _expect_error(tiny_config(tfds_dir, task="c5_pause"), tmp_path / "w", "task", "c5_pause")
   assert "shakespeare_pause" in msg  # Says what is valid.

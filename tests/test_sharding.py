@@ -91,13 +91,13 @@ _SHARDINGS = textwrap.dedent("""
     import jax
     from flax import nnx
     from conftest import tiny_config
-    from pausejax import config as config_lib, model as model_lib, sharding, train
+    from pausejax import config as config_lib, model as model_lib, sharding, step as step_lib
     c = tiny_config("unused", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     mesh = sharding.make_mesh(c.mesh)
     rules = sharding.rules_dict(c.logical_axis_rules)
     cfg = model_lib.ModelConfig.from_config(c.model, 8064)
-    _, abstract = train.abstract_model(cfg)
-    shardings = sharding.named_shardings(train.param_logical_specs(abstract), mesh, rules)
+    _, abstract = step_lib.abstract_model(cfg)
+    shardings = sharding.named_shardings(step_lib.param_logical_specs(abstract), mesh, rules)
     init = lambda: nnx.to_pure_dict(nnx.state(model_lib.Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     params = jax.jit(init, out_shardings=shardings)()
     print(params["embed"].sharding.spec)

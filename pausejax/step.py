@@ -1,0 +1,154 @@
+"""The jitted pieces of training: model state as pytrees, optimizer, loss, train and eval steps.
+
+Pure JAX/Flax/Optax (no TensorFlow), so benchmarks, AOT compilation and decoding build exactly the
+step that `train.py` runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pausejax import model as model_lib
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Model state as plain pytrees: params is a nested dict of arrays, so checkpoints and shardings
+# never depend on module internals.
+
+def abstract_model(model_cfg: model_lib.ModelConfig):
+  """(graphdef, abstract nnx.State of params) without allocating anything."""
+  abstract = nnx.eval_shape(lambda: model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)
+
+
+def param_logical_specs(abstract_params: nnx.State) -> PyTree:
+  return nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+
+
+def apply_model(graphdef, abstract_params: nnx.State, params: PyTree, batch: dict[str, jax.Array]):
+  """Logits [B, L, V] (float32) for a batch of seqio decoder features."""
+  state = jax.tree.map(lambda x: x, abstract_params)  # Fresh copy: replace_by_pure_dict mutates.
+  nnx.replace_by_pure_dict(state, params)
+  model = nnx.merge(graphdef, state)
+  return model(batch["decoder_input_tokens"], batch.get("decoder_segment_ids"),
+               batch.get("decoder_positions"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: AdamW, linear warmup + cosine decay, global-norm clipping. Weight decay only on the
+# weight matrices: not on norm scales, nor on the (un)embedding tables (logical axis `vocab`).
+
+def make_optimizer(oc, num_train_steps: int, param_specs: PyTree):
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=oc.learning_rate, warmup_steps=oc.warmup_steps,
+      decay_steps=max(num_train_steps, oc.warmup_steps + 1),
+      end_value=oc.learning_rate * oc.end_lr_ratio)
+  decay_mask = jax.tree.map(lambda spec: len(spec) >= 2 and "vocab" not in spec, param_specs,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  tx = optax.chain(
+      optax.clip_by_global_norm(oc.grad_clip_norm) if oc.grad_clip_norm else optax.identity(),
+      optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
+                  mask=decay_mask))
+  return tx, schedule
+
+
+def make_state(model_cfg, tx, seed: int, param_shardings: PyTree, mesh):
+  """The train state {step, params, opt_state}: an init function, its shapes and its shardings.
+
+  Optimizer moments take their parameter's sharding; everything else is replicated.
+  """
+  def init_state():
+    model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  shapes = jax.eval_shape(init_state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = {
+      "step": replicated,
+      "params": param_shardings,
+      "opt_state": optax.tree_map_params(
+          tx, lambda _, s: s, shapes["opt_state"], param_shardings,
+          transform_non_params=lambda _: replicated,
+          is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
+  }
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  return init_state, abstract, shardings
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: next-token cross-entropy weighted by decoder_loss_weights, which the data pipeline has
+# already zeroed on padding and on `<pause>` targets (pause.PauseLMFeatureConverter).
+
+def loss_terms(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums over the batch: weighted NLL, correct predictions, real-target count."""
+  targets_BxL = batch["decoder_target_tokens"]
+  weights_BxL = batch["decoder_loss_weights"].astype(jnp.float32)
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32))
+  nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+  return {"nll_sum": jnp.sum(nll_BxL * weights_BxL),
+          "correct_sum": jnp.sum(correct_BxL * weights_BxL),
+          "weight_sum": jnp.sum(weights_BxL)}
+
+
+def make_train_step(graphdef, abstract_params, tx, schedule, pause_id: int,
+                    microbatches: int = 1):
+  """One optimizer step on a global batch, optionally accumulated over `microbatches`.
+
+  Gradients are of the *summed* NLL, divided once by the batch's real-token count, so any number
+  of microbatches gives the update of one big batch.
+  """
+  def nll_sum(params, batch):
+    terms = loss_terms(apply_model(graphdef, abstract_params, params, batch), batch)
+    return terms["nll_sum"], terms
+
+  grad_fn = jax.grad(nll_sum, has_aux=True)
+
+  def accumulate(params, batch):
+    if microbatches == 1:
+      return grad_fn(params, batch)
+    # Microbatch j takes rows j, j + k, j + 2k, ...: every device keeps its own rows.
+    split = jax.tree.map(
+        lambda x: x.reshape(-1, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, microbatch):
+      return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params,
+                                                        jax.tree.map(lambda x: x[0], split)))
+    return jax.lax.scan(body, zeros, split)[0]
+
+  def train_step(state: PyTree, batch: dict[str, jax.Array]):
+    grads, terms = accumulate(state["params"], batch)
+    real = jnp.maximum(terms["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g: g / real, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    total = jnp.sum(batch["decoder_target_tokens"] != 0).astype(jnp.float32)
+    step_metrics = {
+        "train_loss": terms["nll_sum"] / real,
+        "train_accuracy": terms["correct_sum"] / real,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state["step"]),
+        "pause_fraction": jnp.sum(batch["decoder_input_tokens"] == pause_id) / jnp.maximum(total, 1),
+        "real_tokens": terms["weight_sum"],
+        "total_tokens": total,
+    }
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, step_metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, abstract_params):
+  def eval_step(params: PyTree, batch: dict[str, jax.Array]):
+    return loss_terms(apply_model(graphdef, abstract_params, params, batch), batch)
+  return eval_step
