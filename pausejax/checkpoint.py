@@ -160,7 +160,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int, save_every_steps: int,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
+    # read_only: for readers (generate, evaluate) of a directory that a training run may be
+    # writing: nothing is created, cleaned up, saved or deleted.
     # These come straight from the config (keep_checkpoints, checkpoint_every_steps).
     if not isinstance(keep, int) or keep < 1:
       raise UsageError.setting("keep_checkpoints", keep, "an integer >= 1")
@@ -168,7 +170,8 @@ class Checkpointer:
       raise UsageError.setting("checkpoint_every_steps", save_every_steps, "an integer >= 1")
     self._directory = _as_path(directory)
     self._name_format = ocp.step.standard_name_format()
-    _remove_unfinished_saves(self._directory)
+    if not read_only:
+      _remove_unfinished_saves(self._directory)
 
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     state_handler = ocp.StandardCheckpointHandler()
@@ -189,7 +192,8 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         step_name_format=self._name_format,
         enable_async_checkpointing=async_save,
-        create=True,
+        create=not read_only,
+        read_only=read_only,
     )
     self._manager = ocp.CheckpointManager(
         self._directory, options=options, handler_registry=registry)
@@ -318,3 +322,50 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
   return f"shape {shape} {dtype.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters only, for fine-tuning (`init_from`).
+
+def _params_step_dir(path: str) -> epath.Path:
+  """The step directory that `init_from=path` names: a workdir, its checkpoints/, or one step."""
+  root = _as_path(path)
+  if (root / STATE).exists():
+    return root
+  if (root / "checkpoints").exists():
+    root = root / "checkpoints"
+  latest = None
+  if root.exists():
+    latest = ocp.step.latest_step_metadata(root, ocp.step.standard_name_format())
+  if latest is None:
+    raise UsageError.setting(
+        "init_from", path, "a pretraining workdir, its checkpoints/ directory or one step "
+        "directory in it, holding a complete checkpoint")
+  return latest.path
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """The parameters of the checkpoint at `path` (see `_params_step_dir`), nothing else.
+
+  `abstract_params` gives shapes, dtypes and target shardings; the optimizer state and data
+  position in the checkpoint are not read. A checkpoint of another shape raises UsageError.
+  """
+  step_dir = _params_step_dir(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  stored = checkpointer.metadata(step_dir / STATE).item_metadata.tree
+  if not isinstance(stored, dict) or "params" not in stored:
+    raise UsageError.setting("init_from", path, f"a checkpoint with parameters ({step_dir} has none)")
+  have = _shapes_by_name(stored["params"])
+  want = _shapes_by_name(abstract_params)
+  for name in sorted(set(have) | set(want)):
+    if have.get(name) != want.get(name):
+      got = _describe(*have[name]) if name in have else "nothing"
+      need = _describe(*want[name]) if name in want else "nothing"
+      raise UsageError.setting(
+          "init_from", path, f"a checkpoint of this config's model: params.{name} is {got} there"
+          f" but {need} here (check model.* and vocab_path)")
+  item = {"params": abstract_params}
+  restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))
+  return restored["params"]

@@ -123,3 +123,78 @@ class PauseLMFeatureConverter(seqio.LMFeatureConverter):
     not_pause = tf.cast(tf.not_equal(d["decoder_target_tokens"], self._pause_id), tf.int32)
     d["decoder_loss_weights"] = d["decoder_loss_weights"] * not_pause
     return d
+
+
+# ---------------------------------------------------------------------------------------------
+# PauseFT: fine-tuning on (inputs, targets) examples as `prompt + M_ft x <pause> + answer`.
+
+POSITIONS = ("append", "prepend")  # Pauses after the prompt (the paper's), or before it.
+
+
+def finetune_pauses_preprocessor(
+    ds: tf.data.Dataset,
+    sequence_length: Mapping[str, int] | None,
+    output_features: Mapping[str, seqio.Feature],
+    *,
+    num_pauses: int,
+    position: str = "append",
+    key: str = "inputs",
+) -> tf.data.Dataset:
+  """SeqIO preprocessor: `num_pauses` `<pause>` ids after (append) or before (prepend) `key`.
+
+  A prompt longer than `sequence_length[key] - num_pauses` keeps its *last* tokens: seqio's trim
+  would otherwise cut the pauses (append) or the end of the prompt, where the question usually
+  sits. Run it after tokenization; `PauseFTFeatureConverter` then puts the answer after it.
+  """
+  if position not in POSITIONS:
+    raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+  pause_id = _pause_id(output_features, key)
+  room = None if not sequence_length or sequence_length.get(key) is None else (
+      sequence_length[key] - num_pauses)
+  if room is not None and room < 1:
+    raise ValueError(f"{num_pauses} pauses leave no room for the prompt in "
+                     f"{sequence_length[key]} {key} tokens")
+
+  def add(features):
+    features = dict(features)
+    prompt_P = features[key]
+    if room is not None:
+      prompt_P = prompt_P[-room:]
+    pauses_M = tf.fill([num_pauses], tf.cast(pause_id, prompt_P.dtype))
+    parts = [prompt_P, pauses_M] if position == "append" else [pauses_M, prompt_P]
+    features[key] = tf.concat(parts, axis=0)
+    return features
+
+  return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def finetune_pause_preprocessor(num_pauses: int, position: str = "append", key: str = "inputs"):
+  """`finetune_pauses_preprocessor` with its settings bound, for a Task's preprocessor list."""
+  return functools.partial(finetune_pauses_preprocessor, num_pauses=num_pauses,
+                           position=position, key=key)
+
+
+class PauseFTFeatureConverter(seqio.PrefixLMFeatureConverter):
+  """seqio's prefix-LM converter: `inputs` (pauses included) then `targets` in one sequence.
+
+  Loss only on the target tokens (`loss_on_targets_only`), so neither the prompt nor its pauses
+  are ever predicted. `decoder_causal_attention` (1 on the prompt) is kept only for
+  `prefix_lm=True`, where the model lets the prompt attend bidirectionally; otherwise the model
+  stays causal, as in pretraining.
+  """
+
+  def __init__(self, pause_id: int, *, prefix_lm: bool = False, **kwargs):
+    super().__init__(loss_on_targets_only=True, **kwargs)
+    self._pause_id = pause_id
+    self._prefix_lm = prefix_lm
+
+  @property
+  def pause_id(self) -> int:
+    return self._pause_id
+
+  def __call__(self, ds, task_feature_lengths):
+    ds = super().__call__(ds, task_feature_lengths)
+    if self._prefix_lm:
+      return ds
+    return ds.map(lambda d: {k: v for k, v in d.items() if k != "decoder_causal_attention"},
+                  num_parallel_calls=tf.data.AUTOTUNE)

@@ -134,8 +134,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   replicated = state_shardings["step"]
 
   # 6. Checkpoint: refuse a workdir whose checkpoint holds another model, before writing.
+  # Fine-tuning (init_from) starts from another run's parameters with a fresh optimizer; once
+  # this workdir has a checkpoint of its own, re-running resumes from that instead.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  init_params = None
+  if config.init_from and not checkpoint.has_checkpoint(ckpt_dir):
+    init_params = checkpoint.load_params(config.init_from, abstract_state["params"])
   ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      ckpt_dir, keep=config.keep_checkpoints,
       save_every_steps=config.checkpoint_every_steps or config.num_train_steps or 1,
       async_save=config.async_checkpointing)
   ckpt.check_compatible(abstract_state)
@@ -146,6 +152,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   start_step = ckpt.latest_step()
   if start_step is None:
     state = jax.jit(init_state, out_shardings=state_shardings)()
+    if init_params is not None:  # Adam's moments start at zero whatever the parameters.
+      state = {**state, "params": init_params}
+      logging.info("Initialised parameters from %s", config.init_from)
     start_step = 0
   else:
     state = ckpt.restore(start_step, abstract_state, train_iter)
