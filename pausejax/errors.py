@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 
 EXIT_USAGE = 2
 
@@ -52,6 +53,10 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run` whose flag errors and `UsageError`s exit with code 2 and one line."""
 
   def guarded(argv):
+    # Libraries (TFDS, SeqIO, Orbax) log every file they touch at INFO; the CLIs print what a
+    # user needs themselves. --verbosity=0 (or -v 0) brings the INFO logs back.
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except UsageError as e:

@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -56,8 +55,8 @@ def evaluate(eval_step, params, eval_ds, batch_sharding) -> dict[str, float]:
 
 
 def _global_batch(batch, batch_sharding) -> dict[str, jax.Array]:
-  """This process's rows of the batch -> one global array per feature."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v.numpy())
+  """This process's rows of the batch (numpy or tf) -> one global array per feature."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in batch.items()}
 
 
@@ -115,9 +114,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   sharding.check_batch_divisible(config.global_batch_size, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
 
-  # 3. Data (this host's shard).
+  # 3. Data: this process reads only the shards whose rows its devices hold.
   data = data_lib.prepare(config)
-  local_batch = data_lib.per_process_batch_size(config.global_batch_size)
+  shard_plan = data_lib.plan(config, batch_sharding)
 
   # 4. Model: parameters are created directly with their shardings, never whole on one host.
   model_cfg = model_lib.ModelConfig.from_config(
@@ -146,19 +145,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       async_save=config.async_checkpointing)
   ckpt.check_compatible(abstract_state)
 
-  train_ds = data_lib.dataset(data, config, train=True, batch_size=local_batch)
-  eval_ds = data_lib.dataset(data, config, train=False, batch_size=local_batch)
-  train_iter = iter(train_ds)
+  train_iter = data_lib.train_iterator(
+      data, config, shard_plan,
+      os.path.join(workdir, "input_digests") if config.debug_input_digests else None)
+  eval_ds = data_lib.eval_dataset(data, config, shard_plan)
   start_step = ckpt.latest_step()
   if start_step is None:
     state = jax.jit(init_state, out_shardings=state_shardings)()
     if init_params is not None:  # Adam's moments start at zero whatever the parameters.
       state = {**state, "params": init_params}
-      logging.info("Initialised parameters from %s", config.init_from)
+      if jax.process_index() == 0:
+        print(f"Initialised parameters from {config.init_from}", flush=True)
     start_step = 0
   else:
     state = ckpt.restore(start_step, abstract_state, train_iter)
-    logging.info("Resumed from step %d", start_step)
+    if jax.process_index() == 0:
+      print(f"Resumed from step {start_step}", flush=True)
 
   lead = jax.process_index() == 0
   logger = metrics.MetricsLogger(workdir, total_steps=config.num_train_steps, is_lead_host=lead)
