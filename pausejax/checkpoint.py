@@ -5,8 +5,10 @@ holding two items:
 
   state/  the training state pytree (`{"step", "params", "opt_state"}`), written by
           Orbax's `StandardCheckpointHandler` (OCDBT/TensorStore, sharding-aware).
-  data/   the position of the `tf.data` iterator, one `tf.train.Checkpoint` per process
-          (`process_<jax.process_index()>.*`). Only written when an iterator is given.
+  data/   the position of the input pipeline: one `tf.train.Checkpoint` per data shard
+          (`shard_<s>_of_<K>.*`, written by the process that reads shard s), or, for a plain
+          `tf.data` iterator, one per process (`process_<i>.*`). Only written when an
+          iterator is given.
 
 `directory` should hold nothing but checkpoints (e.g. `<workdir>/checkpoints`).
 
@@ -31,15 +33,23 @@ Multi-host
 ----------
 Every process calls every method (Orbax synchronises them). `directory` must be one filesystem
 that all processes see (GCS, NFS, ...). Arrays are written shard by shard by the processes that
-hold them. Each process writes its own iterator position to `data/process_<i>` and, on restore,
-reads its own file back, so a run resumes with its data iterator only on the same number of
-processes (and with the same data settings); otherwise `restore` raises `UsageError`.
+hold them, and read back into whatever mesh and process count the restoring run has. Each
+process writes the positions of the data shards it reads and, on restore, reads back those of
+the shards it reads now, so the data position carries over to another number of processes as
+long as the number of shards (`data_shards`) is the same. If it is not (with the default
+`data_shards=0`, one shard per process, any change of the process count), the parameters,
+optimizer state and step are restored but the input pipeline starts again from the beginning of
+every shard, with a warning: examples seen before the checkpoint are seen again, in a different
+order than an uninterrupted run would have used. A pipeline that no longer fits the saved
+position (other data settings) is a `UsageError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import sys
 from typing import Any
 
 from etils import epath
@@ -53,6 +63,7 @@ STATE = "state"
 DATA = "data"
 
 _DATA_FILE_PREFIX = "process_"
+_SHARD_FILE = re.compile(r"shard_(\d+)_of_(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +71,13 @@ _DATA_FILE_PREFIX = "process_"
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves a `tf.data` iterator with `tf.train.Checkpoint`, one file prefix per process.
+  """Saves `tf.data` iterator positions with `tf.train.Checkpoint`.
+
+  The iterator is either a plain `tf.data` iterator (one file prefix per process) or one with
+  `shard_iterators` ({shard: tf.data iterator}) and `num_shards`, like
+  `pausejax.data.ShardedIterator` (one file prefix per shard, so another process may read it
+  back). A saved layout that does not match the restoring iterator's is not an error: see the
+  module docstring.
 
   Saving is synchronous on purpose: the iterator's position must be captured before the
   training loop draws the next batch. The state is small unless the pipeline holds large
@@ -72,25 +89,27 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
     import tensorflow as tf  # Deferred: only runs whose pipeline is tf.data pay for the import.
 
-    tf.train.Checkpoint(iterator=args.iterator).write(_process_prefix(directory))
+    for name, iterator in _named_iterators(args.iterator).items():
+      tf.train.Checkpoint(iterator=iterator).write(os.fspath(directory / name))
 
   def restore(self, directory: epath.Path, args: DataIteratorRestore) -> Any:
+    """Moves the iterator(s) to the saved position; None if the shard layout changed."""
     import tensorflow as tf
 
-    saved = sorted(p.name for p in directory.glob(f"{_DATA_FILE_PREFIX}*.index"))
-    if len(saved) != jax.process_count():
-      raise UsageError(
-          f"the data iterator in {directory} was saved by {len(saved)} process(es) but this"
-          f" run has {jax.process_count()}; resume with the same number of processes or use"
-          " a fresh --workdir")
-    try:
-      tf.train.Checkpoint(iterator=args.iterator).read(
-          _process_prefix(directory)).assert_consumed()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise UsageError(
-          f"the data iterator in {directory} does not fit this input pipeline ({first_line});"
-          " use the data settings of the checkpointed run or a fresh --workdir") from e
+    wanted = _named_iterators(args.iterator)
+    saved = {p.name[:-len(".index")] for p in directory.glob("*.index")}
+    if _layout(saved) != _wanted_layout(args.iterator) or not set(wanted) <= saved:
+      _warn_restart(directory, _layout(saved), _wanted_layout(args.iterator))
+      return None
+    for name, iterator in wanted.items():
+      try:
+        tf.train.Checkpoint(iterator=iterator).read(
+            os.fspath(directory / name)).assert_consumed()
+      except (tf.errors.OpError, AssertionError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"the data iterator in {directory} does not fit this input pipeline ({first_line});"
+            " use the data settings of the checkpointed run or a fresh --workdir") from e
     return args.iterator
 
   def metadata(self, directory: epath.Path) -> None:
@@ -100,7 +119,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 @dataclasses.dataclass
 class DataIteratorSave(ocp.args.CheckpointArgs):
-  iterator: Any  # A tf.data iterator (`iter(dataset)`).
+  iterator: Any  # A tf.data iterator (`iter(dataset)`) or a data.ShardedIterator.
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
@@ -109,8 +128,49 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any  # A fresh iterator over the same pipeline; restored in place.
 
 
-def _process_prefix(directory: epath.Path) -> str:
-  return os.fspath(directory / f"{_DATA_FILE_PREFIX}{jax.process_index()}")
+def _named_iterators(iterator: Any) -> dict[str, Any]:
+  """{file prefix: tf.data iterator} that this process saves and restores."""
+  shards = getattr(iterator, "shard_iterators", None)
+  if shards is None:  # A plain tf.data iterator: one position per process.
+    return {f"{_DATA_FILE_PREFIX}{jax.process_index()}": iterator}
+  k = iterator.num_shards
+  return {f"shard_{s:05d}_of_{k:05d}": it for s, it in shards.items()}
+
+
+def _wanted_layout(iterator: Any) -> tuple[str, int]:
+  if getattr(iterator, "shard_iterators", None) is None:
+    return ("processes", jax.process_count())
+  return ("shards", iterator.num_shards)
+
+
+def _layout(names: set[str]) -> tuple[str, int] | None:
+  """("shards", K) or ("processes", P) of the saved position files; None if unrecognised."""
+  kinds = set()
+  for name in names:
+    match = _SHARD_FILE.fullmatch(name)
+    kinds.add(("shards", int(match.group(2))) if match else
+              ("processes", len(names)) if name.startswith(_DATA_FILE_PREFIX) else None)
+  return kinds.pop() if len(kinds) == 1 else None
+
+
+def _describe_layout(layout: tuple[str, int] | None) -> str:
+  if layout is None:
+    return "an unknown layout"
+  kind, n = layout
+  return f"{n} data shard(s)" if kind == "shards" else f"{n} process(es) (one position each)"
+
+
+def _warn_restart(directory, saved_layout, wanted_layout) -> None:
+  message = (
+      f"data position not restored: {directory} holds the input positions of "
+      f"{_describe_layout(saved_layout)} but this run reads {_describe_layout(wanted_layout)} on "
+      f"{jax.process_count()} process(es). Parameters, optimizer state and step are restored; "
+      "the input pipeline starts again from the beginning of every shard, so examples seen "
+      "before this checkpoint are seen again and the data order differs from an uninterrupted "
+      "run. To carry the position over, keep --config.data_shards the same (a multiple of "
+      "every process count used).")
+  if jax.process_index() == 0:  # Once, not once per process; printed so it is never filtered.
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +230,7 @@ class Checkpointer:
       raise UsageError.setting("checkpoint_every_steps", save_every_steps, "an integer >= 1")
     self._directory = _as_path(directory)
     self._name_format = ocp.step.standard_name_format()
+    self.data_position_restored = False  # Set by `restore`.
     if not read_only:
       _remove_unfinished_saves(self._directory)
 
@@ -235,7 +296,9 @@ class Checkpointer:
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with `.sharding` set; arrays are
     read straight into those shardings, which may differ from the ones they were saved with
     (another mesh, replicated, ...). `data_iterator` must be a fresh iterator over the same
-    pipeline; it is moved, in place, to the position saved with the checkpoint.
+    pipeline; it is moved, in place, to the position saved with the checkpoint. Where the saved
+    positions are of another shard (or process) layout it is left at the start, with a
+    warning, and `data_position_restored` is False.
     """
     if step is None:
       step = self.latest_step()
@@ -252,6 +315,7 @@ class Checkpointer:
             " cannot resume where it stopped; use a fresh --workdir")
       items[DATA] = DataIteratorRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    self.data_position_restored = data_iterator is not None and restored[DATA] is not None
     return restored[STATE]
 
   def check_compatible(self, abstract_state: Any) -> None:

@@ -4,10 +4,11 @@ r"""Answer prompts with a trained (pause-token) model.
         --prompt="ROMEO:" [--prompt="JULIET:" ...] --num_pauses=10 --max_new_tokens=32 \
         [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0]
 
-Loads the parameters of the latest checkpoint in `<workdir>/checkpoints` (the config must describe
-the same model, including any --config.model.* overrides used for training), encodes each prompt
-with the config's vocabulary, appends `num_pauses` `<pause>` tokens, and prints the prompt and the
-answer decoded after the last pause (see `pausejax.decode`). Temperature 0 (default) is greedy.
+Loads the parameters of the latest checkpoint in `<workdir>/checkpoints` read-only (the config must
+describe the same model, including any --config.model.* overrides used for training), encodes each
+prompt with the config's vocabulary after the BOS id 0 that training sequences start with, appends
+`num_pauses` `<pause>` tokens, and prints the prompt and the answer decoded after the last pause
+(see `pausejax.decode`). Temperature 0 (default) is greedy.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def checkpoint_dir(workdir: str) -> str:
 
 def load_params(config, directory: str, model_cfg: model_lib.ModelConfig):
   """The params of the latest checkpoint in `directory`, in the config's shardings."""
+  return load_checkpoint(config, directory, model_cfg)[0]
+
+
+def load_checkpoint(config, directory: str, model_cfg: model_lib.ModelConfig):
+  """(params, step) of the latest checkpoint in `directory`; reads only, writes nothing.
+
+  Read-only, so it is safe while a training run is still writing to the same directory.
+  """
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_dict(config.logical_axis_rules)
   _, abstract_params = step_lib.abstract_model(model_cfg)
@@ -51,12 +60,13 @@ def load_params(config, directory: str, model_cfg: model_lib.ModelConfig):
   _, abstract_state, _ = step_lib.make_state(
       model_cfg, tx, config.seed, sharding.named_shardings(specs, mesh, rules), mesh)
   ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints, save_every_steps=1,
-                                 async_save=False)
+                                 async_save=False, read_only=True)
   try:
-    state = ckpt.restore(None, abstract_state)  # UsageError if it holds another model.
+    step = ckpt.latest_step()
+    state = ckpt.restore(step, abstract_state)  # UsageError if it holds another model.
   finally:
     ckpt.close()
-  return state["params"]
+  return state["params"], step
 
 
 def define_flags() -> None:
@@ -91,7 +101,8 @@ def main(argv):
   config_lib.validate(config)
   directory = checkpoint_dir(f.workdir)
   vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
-  prompts = [list(vocabulary.encode(p)) for p in f.prompt]
+  # BOS: seqio's converters start every training sequence with id 0 (the shifted-in pad).
+  prompts = [[vocabulary.pad_id] + list(vocabulary.encode(p)) for p in f.prompt]
   max_len = f.max_len or config.seq_len
   model_cfg = model_lib.ModelConfig.from_config(
       config.model, specials.padded_vocab_size(vocabulary.vocab_size))

@@ -162,6 +162,75 @@ def test_restoring_an_iterator_from_a_checkpoint_without_one_is_a_usage_error(tm
       ckpt.restore(1, _abstract(state), iter(_pipeline()))
 
 
+def _sharded(shards, num_shards):
+  """A data.ShardedIterator over `shards` of a shuffled stream split into `num_shards`."""
+  import tensorflow as tf
+  from pausejax import data
+
+  def shard(s):
+    ds = tf.data.Dataset.range(10_000).shard(num_shards, s).shuffle(256, seed=5)
+    return ds.map(lambda x: {"x": x, "y": x * x}).batch(4, drop_remainder=True).repeat()
+
+  return data.ShardedIterator({s: iter(shard(s)) for s in shards}, num_shards)
+
+
+def test_each_shard_position_is_restored_by_whichever_process_reads_it(tmp_path):
+  state = _train_state(2)
+  it = _sharded([0, 1, 2, 3], 4)  # One process reading all 4 shards...
+  for _ in range(3):
+    next(it)
+  with checkpoint.Checkpointer(tmp_path, keep=1, save_every_steps=1) as ckpt:
+    ckpt.save(3, state, it)
+  expected = [next(it) for _ in range(4)]
+  assert sorted(p.name for p in (tmp_path / "3" / "data").glob("*.index")) == [
+      f"shard_{s:05d}_of_00004.index" for s in range(4)]
+
+  # ... resumed as the second of 2 processes, which reads shards 2 and 3 (rows 8..15).
+  resumed = _sharded([2, 3], 4)
+  with checkpoint.Checkpointer(tmp_path, keep=1, save_every_steps=1) as ckpt:
+    _assert_bitwise_equal(ckpt.restore(3, _abstract(state), resumed), state)
+    assert ckpt.data_position_restored
+  assert not np.array_equal(next(_sharded([2, 3], 4))["x"], expected[0]["x"][8:])
+  for want in expected:
+    got = next(resumed)
+    for key in ("x", "y"):
+      np.testing.assert_array_equal(got[key], want[key][8:])
+
+
+def test_another_shard_count_restores_the_state_and_restarts_the_data(tmp_path, capsys):
+  state = _train_state(2)
+  it = _sharded([0, 1], 2)
+  next(it)
+  with checkpoint.Checkpointer(tmp_path, keep=1, save_every_steps=1) as ckpt:
+    ckpt.save(1, state, it)
+    ckpt.wait_until_finished()
+    for other in (_sharded([0, 1, 2], 3), iter(_pipeline())):  # 3 shards; a plain iterator.
+      _assert_bitwise_equal(ckpt.restore(1, _abstract(state), other), state)
+      assert not ckpt.data_position_restored
+      warning = capsys.readouterr().err
+      assert "data position not restored" in warning and "2 data shard(s)" in warning
+      assert "\n" not in warning.strip()
+    # Left at the start: the same first batch as a fresh iterator.
+    fresh, restarted = _sharded([0, 1, 2], 3), _sharded([0, 1, 2], 3)
+    ckpt.restore(1, _abstract(state), restarted)
+    np.testing.assert_array_equal(next(restarted)["x"], next(fresh)["x"])
+
+
+def test_a_plain_iterator_saved_on_other_processes_restarts_with_a_warning(tmp_path, capsys):
+  state = _train_state(1)
+  with checkpoint.Checkpointer(tmp_path, keep=1, save_every_steps=1) as ckpt:
+    ckpt.save(1, state, iter(_pipeline()))
+    ckpt.wait_until_finished()
+  # What a second process would have written next to process_0 (a copy, as a stand-in).
+  data_dir = tmp_path / "1" / "data"
+  for f in list(data_dir.glob("process_0.*")):
+    (data_dir / f.name.replace("process_0", "process_1")).write_bytes(f.read_bytes())
+  with checkpoint.Checkpointer(tmp_path, keep=1, save_every_steps=1) as ckpt:
+    _assert_bitwise_equal(ckpt.restore(1, _abstract(state), iter(_pipeline())), state)
+    assert not ckpt.data_position_restored
+  assert "2 process(es) (one position each)" in capsys.readouterr().err
+
+
 def test_check_compatible_names_the_first_mismatching_parameter(tmp_path):
   with checkpoint.Checkpointer(tmp_path, keep=1, save_every_steps=1) as ckpt:
     ckpt.check_compatible(_abstract(_train_state(1, d_model=8)))  # No checkpoint yet: fine.
@@ -349,3 +418,85 @@ def test_restore_onto_a_different_mesh(tmp_path):
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0 and "RESHARD_OK" in out, out[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real training run: a checkpoint of one mesh resumed on another, and on fewer devices.
+
+_TRAIN = {"num_train_steps": 4, "log_every_steps": 1, "eval_every_steps": 4, "num_eval_steps": 1,
+          "checkpoint_every_steps": 2}
+
+_ACROSS_MESHES = """
+  import json, shutil, sys
+  sys.path.insert(0, "tests")
+  import jax
+  import numpy as np
+  from conftest import tiny_config
+  from pausejax import checkpoint, data as data_lib, model as model_lib, sharding, specials
+  from pausejax import step as step_lib, train
+
+  tfds_dir, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+  def config(mesh):
+    return tiny_config(tfds_dir, **settings, **{f"mesh.{k}": v for k, v in mesh.items()})
+
+  def abstract_state(c):  # As train.train_and_evaluate builds it.
+    mesh = sharding.make_mesh(c.mesh)
+    rules = sharding.rules_dict(c.logical_axis_rules)
+    vocab = data_lib.prepare(c).vocabulary.vocab_size
+    cfg = model_lib.ModelConfig.from_config(c.model, specials.padded_vocab_size(vocab))
+    _, abstract_params = step_lib.abstract_model(cfg)
+    specs = step_lib.param_logical_specs(abstract_params)
+    tx, _ = step_lib.make_optimizer(c.optimizer, c.num_train_steps, specs)
+    return step_lib.make_state(cfg, tx, c.seed, sharding.named_shardings(specs, mesh, rules),
+                               mesh)[1]
+
+  def resume_from_step_2(source, target, c):
+    shutil.copytree(source, target)
+    shutil.rmtree(f"{target}/checkpoints/4")
+    train.train_and_evaluate(c, target)
+
+  on_222 = {"dcn_data": 1, "data": 2, "fsdp": 2, "tensor": 2}
+  on_811 = {"dcn_data": 1, "data": 8, "fsdp": 1, "tensor": 1}
+  if jax.device_count() == 8:
+    train.train_and_evaluate(config(on_222), f"{out}/222")
+    # The step-2 state read onto (8,1,1) and onto (2,2,2): the same numbers.
+    with checkpoint.Checkpointer(f"{out}/222/checkpoints", keep=3, save_every_steps=2) as ckpt:
+      a = ckpt.restore(2, abstract_state(config(on_811)))
+      b = ckpt.restore(2, abstract_state(config(on_222)))
+    assert a["params"]["embed"].sharding.mesh.shape["data"] == 8
+    # (8,1,1) replicates the embedding; (2,2,2) splits it over fsdp and tensor.
+    shard_shape = lambda x: x.addressable_shards[0].data.shape
+    assert shard_shape(a["params"]["embed"]) == a["params"]["embed"].shape
+    assert shard_shape(b["params"]["embed"]) != b["params"]["embed"].shape
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    resume_from_step_2(f"{out}/222", f"{out}/811", config(on_811))
+  else:  # 4 devices, the default mesh (data=-1).
+    resume_from_step_2(f"{out}/222", f"{out}/4dev", config({}))
+  print("ACROSS_MESHES_OK")
+"""
+
+
+def _train_losses(workdir: pathlib.Path) -> dict:
+  import json
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {(l["step"], k): l[k] for l in lines for k in ("train_loss", "eval_loss") if k in l}
+
+
+@pytest.mark.slow
+def test_training_resumes_on_another_mesh_and_on_fewer_devices(tfds_dir, tmp_path):
+  """Saved on mesh (2,2,2) of 8 devices; resumed on (8,1,1) and on 4 devices: same losses."""
+  import json
+  for devices in (8, 4):
+    proc = _run_python(_ACROSS_MESHES, tfds_dir, str(tmp_path), json.dumps(_TRAIN),
+                       devices=devices, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+    out, _ = proc.communicate(timeout=1200)
+    assert proc.returncode == 0 and "ACROSS_MESHES_OK" in out, out[-4000:]
+  reference = _train_losses(tmp_path / "222")
+  for resumed in ("811", "4dev"):
+    losses = _train_losses(tmp_path / resumed)
+    assert losses.keys() == reference.keys()
+    for key in [k for k in reference if k[0] > 2]:  # Computed after the restore.
+      assert losses[key] == pytest.approx(reference[key], rel=1e-3), (resumed, key)
