@@ -92,6 +92,12 @@ def insert_pauses_preprocessor(
   def insert(features, seed):
     features = dict(features)
     seed = tf.cast(tf.stack(seed) if isinstance(seed, (tuple, list)) else seed, tf.int64)
+    # seqio's seed stream depends on the example's index only, and every data shard uses the
+    # same task seed (data.py); mixing in the chunk's content gives different pause positions to
+    # the i-th chunks of different shards, and is still a pure function of the data and seed.
+    tokens = tf.cast(features[key], tf.int64)
+    weights = tf.range(1, tf.size(tokens, out_type=tf.int64) + 1) * 2654435761
+    seed = tf.stack([seed[0], tf.bitwise.bitwise_xor(seed[1], tf.reduce_sum(tokens * weights))])
     features[key] = insert_pauses(features[key], count=count, pause_id=pause_id, seed=seed)
     return features
 

@@ -96,6 +96,18 @@ def test_preprocessor_independent_per_example_and_deterministic():
   assert not np.array_equal(run1, run3)
 
 
+def test_same_index_of_different_shards_gets_different_pauses():
+  # Data shards share the task seed (pausejax/data.py), so seqio gives the i-th example of every
+  # shard the same seed; the chunk's content must still change where its pauses go.
+  seq_len = 64
+  a = tf.data.Dataset.from_tensors({"targets": np.arange(3, 3 + seq_len, dtype=np.int32)})
+  b = tf.data.Dataset.from_tensors({"targets": np.arange(103, 103 + seq_len, dtype=np.int32)})
+  pause_id = _vocab().pause_id
+  mask_a = [x["targets"] == pause_id for x in _preprocess(a, 0.25, seq_len, 7).as_numpy_iterator()]
+  mask_b = [x["targets"] == pause_id for x in _preprocess(b, 0.25, seq_len, 7).as_numpy_iterator()]
+  assert not np.array_equal(mask_a[0], mask_b[0])
+
+
 def test_preprocessor_rate_zero_returns_dataset_unchanged():
   ds = tf.data.Dataset.from_tensors({"targets": np.arange(3, 19, dtype=np.int32)})
   assert _preprocess(ds, 0.0, 16, 1) is ds
