@@ -1,4 +1,4 @@
-r"""Benchmark: train-step throughput and MFU, and input-pipeline throughput with/without pauses.
+r"""Benchmark: train-step throughput and MFU, input pipeline with/without pauses, and decoding.
 
     python -m pausejax.bench --config=configs/tiny.py [--train_steps=10] [--pipeline_batches=50]
     python -m pausejax.bench --config=configs/c4_130m.py --base_vocab_size=32000 --nopipeline \
@@ -35,6 +35,7 @@ _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 50,
                                          "Timed input batches per pipeline (after 5 warm-up).")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 _PIPELINE = flags.DEFINE_bool("pipeline", True, "Also time the input pipeline (needs the data).")
+_DECODE = flags.DEFINE_bool("decode", True, "Also time decoding, with the KV cache and without.")
 _BASE_VOCAB = flags.DEFINE_integer(
     "base_vocab_size", 0, "Use this base vocabulary size instead of loading config.vocab_path "
     "(e.g. 32000 for T5's cc_all.32000); with --nopipeline no data or TensorFlow is needed.")
@@ -120,6 +121,11 @@ def main(argv):
              "config": {"seq_len": config.seq_len, "global_batch_size": config.global_batch_size,
                         "pause_rate": config.pause.rate, "task": config.task}}
   results.update(bench_train(config, vocab_size, pause_id, _TRAIN_STEPS.value))
+  if _DECODE.value:
+    from pausejax import decode
+    padded = -(-vocab_size // 128) * 128
+    results.update(decode.benchmark(model_lib.ModelConfig.from_config(config.model, padded),
+                                    pause_id=pause_id))
   if _PIPELINE.value:
     results["pipeline_tokens_per_sec_no_pauses"] = bench_pipeline(
         config, 0.0, _PIPELINE_BATCHES.value)

@@ -15,9 +15,10 @@ from pausejax.errors import UsageError
 DTYPES = ("float32", "bfloat16")
 
 # Logical parameter/activation axis -> mesh axis (or None = replicated). MaxText-style defaults:
-# batch over data and fsdp, parameters' embed dimension over fsdp, wide dimensions over tensor.
+# batch over dcn_data, data and fsdp, parameters' embed dimension over fsdp, wide dimensions over
+# tensor. These names are all the logical axes there are: a rule for any other name is an error.
 DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("dcn_data", "data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -25,7 +26,11 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("kv", None),
     ("norm", None),
     ("length", None),
+    ("layers", None),            # The stacked-layer axis of model.scan_layers parameters.
+    ("activation_embed", None),  # The residual stream's d_model: its batch is what is split.
 )
+# model.remat choices (pausejax.model.REMAT_POLICIES: what each block keeps for the backward pass).
+REMAT_CHOICES = ("none", "full", "minimal", "dots_saveable")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -37,8 +42,21 @@ def defaults() -> ml_collections.ConfigDict:
   c.vocab_path = ""                 # SentencePiece model ("" = the embedded Shakespeare 8k model).
   c.seq_len = 256
   c.pack = False                    # Chunks are already exactly seq_len long; packing adds segment ids.
+  # The data is split into this many disjoint shards, read by the processes in equal contiguous
+  # groups (0 = one per process). Batches depend on data_shards, not on the number of processes:
+  # fix it (a multiple of every process count to be used) to resume the data position exactly
+  # on another number of hosts.
+  c.data_shards = 0
+  c.debug_input_digests = False     # Digest of every example fed -> workdir/input_digests/.
   c.pause = ml_collections.ConfigDict()
   c.pause.rate = 0.1                # PausePT: round(rate * seq_len) pauses per chunk, then trim.
+  # Fine-tuning on (inputs, targets) tasks: prompt + num_finetune pauses + answer, loss on the
+  # answer only. "append" puts the pauses after the prompt (the paper's), "prepend" before it.
+  c.pause.num_finetune = 0
+  c.pause.position = "append"
+  c.targets_len = 32                # (inputs, targets) tasks: answer tokens; the prompt gets the rest.
+  c.prefix_lm = False               # Prompt (and its pauses) attend bidirectionally; else causal.
+  c.init_from = ""                  # Start from this checkpoint's parameters (fresh optimizer).
   # Schedule.
   c.global_batch_size = 16
   c.microbatches = 1                # Gradient accumulation: split each global batch into this many.
@@ -62,6 +80,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.rope_theta = 10_000.0
   c.model.attention = "xla"         # "cudnn": fused flash attention on NVIDIA GPUs (bf16).
+  c.model.scan_layers = False       # True: layers stacked and run by lax.scan (faster compiles).
+  c.model.remat = "none"            # "full"/"minimal"/"dots_saveable": recompute in the backward.
   # Optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3
@@ -72,8 +92,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
   c.optimizer.grad_clip_norm = 1.0
-  # Device mesh (one axis may be -1 = all remaining devices).
+  # Device mesh (one of data/fsdp/tensor may be -1 = all remaining devices).
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.dcn_data = 1               # Data parallel over DCN: number of TPU slices (or GPU hosts).
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
@@ -101,6 +122,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   # rounds half up) is rate * L + 0.5 < L. Written out so validation needs no TensorFlow.
   _check(rate * c.seq_len + 0.5 < c.seq_len, "seq_len", c.seq_len,
          f"too short to keep any real token at pause.rate={rate}")
+  m_ft = c.pause.num_finetune
+  _check(_is_int(m_ft) and m_ft >= 0, "pause.num_finetune", m_ft,
+         "a non-negative integer (pauses between prompt and answer when fine-tuning)")
+  _check(c.pause.position in ("append", "prepend"), "pause.position", c.pause.position,
+         "'append' (pauses after the prompt) or 'prepend' (before it)")
+  _check(_is_int(c.targets_len) and c.targets_len >= 1, "targets_len", c.targets_len,
+         "a positive integer")  # Its upper bound depends on the task: data.prepare checks it.
+  _check(isinstance(c.prefix_lm, bool), "prefix_lm", c.prefix_lm, "True or False")
+  _check(isinstance(c.init_from, str), "init_from", c.init_from,
+         "a checkpoint path (a workdir, its checkpoints/ or one step in it), or '' for none")
   _check(_is_int(c.global_batch_size) and c.global_batch_size >= 1, "global_batch_size",
          c.global_batch_size, "a positive integer")
   for key in ("num_train_steps", "eval_every_steps", "num_eval_steps", "checkpoint_every_steps",
@@ -121,6 +152,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "an even integer (RoPE rotates pairs)")
   for key in ("dtype", "param_dtype"):
     _check(m[key] in DTYPES, f"model.{key}", m[key], f"one of {', '.join(DTYPES)}")
+  scan_layers = m.get("scan_layers", False)
+  _check(isinstance(scan_layers, bool), "model.scan_layers", scan_layers, "True or False")
+  remat = m.get("remat", "none")
+  _check(isinstance(remat, str) and remat in REMAT_CHOICES, "model.remat", remat,
+         f"one of {', '.join(REMAT_CHOICES)}")
   if m.get("attention", "xla") == "cudnn":
     import jax  # Here: validation of everything else must not start a backend.
     _check(jax.default_backend() == "gpu", "model.attention", "cudnn",
@@ -136,3 +172,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "a positive integer or -1 (all remaining devices)")
   _check([c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1, "mesh", c.mesh.to_dict(),
          "at most one of mesh.data/fsdp/tensor may be -1")
+  dcn = c.mesh.get("dcn_data", 1)
+  _check(_is_int(dcn) and dcn >= 1, "mesh.dcn_data", dcn,
+         "a positive integer (1 on one slice or host; else the number of TPU slices or GPU hosts)")
+  shards = c.get("data_shards", 0)
+  _check(_is_int(shards) and shards >= 0, "data_shards", shards,
+         "a non-negative integer (0 = one shard per process)")
+  _check(shards == 0 or c.global_batch_size % shards == 0, "data_shards", shards,
+         f"a divisor of global_batch_size={c.global_batch_size} (each shard gives equal rows)")
+  _check(isinstance(c.get("debug_input_digests", False), bool), "debug_input_digests",
+         c.get("debug_input_digests"), "True or False")

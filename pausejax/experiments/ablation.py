@@ -1,0 +1,286 @@
+r"""StdPT/PausePT x StdFT/PauseFT at tiny scale, an M_ft sweep, and M_inf robustness.
+
+    python -m pausejax.experiments.ablation --outdir=runs/ablation [--quick] [--m_ft=10] \
+        [--pretrain_steps=...] [--finetune_steps=...] [--eval_examples=...]
+
+The four variants of Goyal et al. (2023), Table 1 / Figure 3, shrunk to a laptop:
+
+  pretraining   the embedded Shakespeare corpus, `configs/tiny.py` shapes; StdPT is pause.rate 0,
+                PausePT is pause.rate 0.1 (the paper's). Both from the same seed.
+  fine-tuning   `addition` (pausejax.downstream: "123+45=" -> "168"), a task that needs
+                computation between reading the prompt and answering; StdFT is M_ft = 0,
+                PauseFT is M_ft = --m_ft pauses after the prompt. Parameters from the pretrained
+                checkpoint, fresh optimizer (`init_from`).
+  evaluation    exact match on the held-out split with greedy pause-aware decoding, M_inf = M_ft.
+
+Then, like the paper's Figures 4 and 5:
+  * M_ft sweep: PausePT fine-tuned with each M_ft in `--m_ft_sweep`, evaluated with M_inf = M_ft.
+  * M_inf robustness: the PausePT+PauseFT model evaluated with M_inf in 0 .. 2 * M_ft.
+
+Writes results.json, results.md (the tables) and ablation.png into --outdir; training runs go to
+--outdir/runs/<name>/ (each an ordinary pausejax workdir: metrics.jsonl, TensorBoard, loss.png).
+Re-running skips runs that have finished (their checkpoints are reused). --quick shrinks
+everything to seconds for tests; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import flags
+
+from pausejax.errors import UsageError
+from pausejax.errors import run
+
+
+def define_flags() -> None:
+  """Flags of the CLI only, so other modules can import this one."""
+  flags.DEFINE_string("outdir", None, "Where results and the training runs go.")
+  flags.DEFINE_bool("quick", False, "Seconds-long smoke run (numbers mean nothing).")
+  flags.DEFINE_integer("m_ft", 10, "Pauses after the prompt for PauseFT (paper: 10).")
+  flags.DEFINE_list("m_ft_sweep", ["0", "2", "5", "10"],
+                    "M_ft values of the PausePT fine-tuning sweep.")
+  flags.DEFINE_integer("pretrain_steps", 0, "Pretraining steps (0: the mode's default).")
+  flags.DEFINE_integer("finetune_steps", 0, "Fine-tuning steps (0: the mode's default).")
+  flags.DEFINE_integer("eval_examples", 0, "Held-out examples scored (0: the mode's default).")
+  flags.DEFINE_integer("seed", 0, "Seed of every run.")
+
+
+# (full, quick) defaults.
+PRETRAIN_STEPS = (300, 6)
+FINETUNE_STEPS = (600, 6)
+EVAL_EXAMPLES = (300, 8)
+FINETUNE_TASK = "addition"
+TARGETS_LEN = 8  # Up to 4 answer digits + EOS in the embedded tokenizer, with room to spare.
+
+
+def _base_config(quick: bool, seed: int):
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.seed = seed
+  c.async_checkpointing = False
+  c.keep_checkpoints = 1
+  if quick:
+    c.seq_len = 32
+    c.global_batch_size = 4
+    c.model.num_layers = 1
+    c.model.d_model = 32
+    c.model.num_heads = 2
+    c.model.head_dim = 16
+    c.model.mlp_dim = 64
+    c.num_eval_steps = 1
+  return c
+
+
+def pretrain_config(quick: bool, seed: int, rate: float, steps: int, tfds_data_dir: str):
+  c = _base_config(quick, seed)
+  c.pause.rate = rate
+  c.num_train_steps = steps
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = steps
+  c.log_every_steps = max(1, min(10, steps))
+  c.tfds_data_dir = tfds_data_dir
+  return c
+
+
+def finetune_config(quick: bool, seed: int, m_ft: int, steps: int, init_from: str,
+                    tfds_data_dir: str):
+  c = _base_config(quick, seed)
+  c.task = FINETUNE_TASK
+  c.eval_task = ""
+  c.init_from = init_from
+  c.pause.num_finetune = m_ft
+  c.targets_len = TARGETS_LEN
+  # Room for the longest prompt ("999+999=" is < 12 pieces) and the pauses.
+  c.seq_len = 16 + m_ft + TARGETS_LEN
+  c.global_batch_size = 4 if quick else 32
+  c.num_train_steps = steps
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = steps
+  c.log_every_steps = max(1, min(20, steps))
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = max(1, steps // 20)
+  c.tfds_data_dir = tfds_data_dir
+  return c
+
+
+def _train(config, workdir: str) -> None:
+  """Trains unless `workdir` already holds the final checkpoint (re-runs reuse it)."""
+  from pausejax import checkpoint
+  from pausejax import train
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if checkpoint.has_checkpoint(ckpt_dir):
+    steps = checkpoint.Checkpointer(ckpt_dir, keep=1, save_every_steps=1, async_save=False)
+    try:
+      if steps.latest_step() == config.num_train_steps:
+        return
+    finally:
+      steps.close()
+  train.train_and_evaluate(config, workdir)
+
+
+def _exact_match(config, workdir: str, m_inf: int, examples: int) -> float:
+  from pausejax import data as data_lib
+  from pausejax import decode
+  from pausejax import evaluate
+  from pausejax import generate
+  from pausejax import model as model_lib
+  from pausejax import specials
+  vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
+  model_cfg = model_lib.ModelConfig.from_config(
+      config.model, specials.padded_vocab_size(vocabulary.vocab_size))
+  params, _ = generate.load_checkpoint(config, generate.checkpoint_dir(workdir), model_cfg)
+  model = decode.model_from_params(model_cfg, params)
+  result = evaluate.evaluate(
+      model, FINETUNE_TASK, vocabulary, num_pauses=m_inf, max_len=16 + 2 * m_inf + TARGETS_LEN + 2,
+      max_examples=examples, tfds_data_dir=config.tfds_data_dir or None)
+  return float(result["metrics"]["exact_match"])  # A percentage, as in T5's metrics.
+
+
+def _plot(results: dict[str, Any], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  names = list(results["variants"])
+  axes[0].bar(names, [results["variants"][n]["exact_match"] for n in names],
+              color=["#999999", "#6699cc", "#cc9966", "#cc3333"])
+  axes[0].set_ylabel("exact match (%)")
+  axes[0].set_title(f"{FINETUNE_TASK}: pretraining x fine-tuning")
+  axes[0].tick_params(axis="x", rotation=20)
+  sweep = results["m_ft_sweep"]
+  axes[1].plot([int(m) for m in sweep], list(sweep.values()), "o-")
+  axes[1].set_xlabel("M_ft (= M_inf)")
+  axes[1].set_ylabel("exact match (%)")
+  axes[1].set_title("PausePT: fine-tuning pauses")
+  robust = results["m_inf_robustness"]
+  axes[2].plot([int(m) for m in robust], list(robust.values()), "o-")
+  axes[2].axvline(results["settings"]["m_ft"], color="gray", linestyle=":", label="M_ft")
+  axes[2].set_xlabel("M_inf")
+  axes[2].set_ylabel("exact match (%)")
+  axes[2].set_title("PausePT+PauseFT: inference pauses")
+  axes[2].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _markdown(results: dict[str, Any]) -> str:
+  s = results["settings"]
+  lines = [
+      f"# Pause ablation on `{FINETUNE_TASK}` ({'quick' if s['quick'] else 'full'} mode)", "",
+      f"Pretraining {s['pretrain_steps']} steps on the embedded corpus; fine-tuning "
+      f"{s['finetune_steps']} steps; exact match on {s['eval_examples']} held-out examples; "
+      f"M_ft = {s['m_ft']}, M_inf = M_ft unless stated. Wall time {results['wall_time_s']:.0f} s.",
+      "", "| pretraining | fine-tuning | exact match |", "| --- | --- | --- |"]
+  for name, v in results["variants"].items():
+    lines.append(f"| {v['pretraining']} | {v['finetuning']} | {v['exact_match']:.1f}% |")
+  lines += ["", "M_ft sweep (PausePT; M_inf = M_ft):", "",
+            "| M_ft | " + " | ".join(results["m_ft_sweep"]) + " |",
+            "| --- |" + " --- |" * len(results["m_ft_sweep"]),
+            "| exact match | " + " | ".join(f"{v:.1f}%"
+                                           for v in results["m_ft_sweep"].values()) + " |",
+            "", f"M_inf robustness (PausePT + PauseFT with M_ft = {s['m_ft']}):", "",
+            "| M_inf | " + " | ".join(results["m_inf_robustness"]) + " |",
+            "| --- |" + " --- |" * len(results["m_inf_robustness"]),
+            "| exact match | " + " | ".join(f"{v:.1f}%"
+                                           for v in results["m_inf_robustness"].values()) + " |"]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}")
+  f = flags.FLAGS
+  quick, seed, m_ft = f.quick, f.seed, f.m_ft
+  if m_ft < 1:
+    raise UsageError.setting("--m_ft", m_ft, "a positive number of pauses (PauseFT's M_ft)")
+  try:
+    sweep = sorted({int(m) for m in f.m_ft_sweep})
+  except ValueError:
+    sweep = [-1]
+  if not sweep or sweep[0] < 0:
+    raise UsageError.setting("--m_ft_sweep", ",".join(f.m_ft_sweep),
+                             "comma-separated non-negative integers, e.g. 0,2,5,10")
+  for name in ("pretrain_steps", "finetune_steps", "eval_examples"):
+    if f[name].value < 0:
+      raise UsageError.setting(f"--{name}", f[name].value,
+                               "a non-negative integer (0: the mode's default)")
+  mode = 1 if quick else 0
+  pre_steps = f.pretrain_steps or PRETRAIN_STEPS[mode]
+  ft_steps = f.finetune_steps or FINETUNE_STEPS[mode]
+  examples = f.eval_examples or EVAL_EXAMPLES[mode]
+  from pausejax.experiments import parity
+  outdir = parity.check_outdir(f.outdir)
+
+  from pausejax import config as config_lib
+  from pausejax import corpus
+  tfds_dir = os.path.join(outdir, "tensorflow_datasets")
+  runs = os.path.join(outdir, "runs")
+  # Every config is validated before the first run starts.
+  pre_cfgs = {name: pretrain_config(quick, seed, rate, pre_steps, tfds_dir)
+              for name, rate in (("StdPT", 0.0), ("PausePT", 0.1))}
+  ft_ms = sorted(set(sweep) | {0, m_ft})
+  ft_cfgs = {(pt, m): finetune_config(quick, seed, m, ft_steps, os.path.join(runs, pt), tfds_dir)
+             for pt in pre_cfgs for m in ft_ms if pt == "PausePT" or m in (0, m_ft)}
+  for c in list(pre_cfgs.values()) + list(ft_cfgs.values()):
+    config_lib.validate(c)
+  corpus.ensure_prepared(corpus.EMBEDDED_TFDS_NAME, tfds_dir)
+
+  t0 = time.time()
+  total = len(pre_cfgs) + len(ft_cfgs)
+  done = 0
+
+  def progress(what: str) -> None:
+    elapsed = time.time() - t0
+    eta = f"{elapsed / done * (total - done):.0f}s" if done else "--"
+    print(f"[ablation {done}/{total} runs | {elapsed:.0f}s elapsed | ETA {eta}] {what}",
+          flush=True)
+
+  for name, c in pre_cfgs.items():
+    progress(f"pretraining {name} (pause.rate={c.pause.rate})")
+    _train(c, os.path.join(runs, name))
+    done += 1
+  for (pt, m), c in ft_cfgs.items():
+    progress(f"fine-tuning {pt} with M_ft={m}")
+    _train(c, os.path.join(runs, f"{pt}_ft{m}"))
+    done += 1
+
+  def score(pt: str, m: int, m_inf: int) -> float:
+    return _exact_match(ft_cfgs[(pt, m)], os.path.join(runs, f"{pt}_ft{m}"), m_inf, examples)
+
+  print("[ablation] evaluating", flush=True)
+  variants = {}
+  for pt in pre_cfgs:
+    for ft, m in (("StdFT", 0), ("PauseFT", m_ft)):
+      variants[f"{pt}+{ft}"] = {"pretraining": pt, "finetuning": f"{ft} (M_ft={m})",
+                                "m_ft": m, "exact_match": score(pt, m, m)}
+  sweep_scores = {str(m): (variants["PausePT+StdFT"]["exact_match"] if m == 0 else
+                           variants["PausePT+PauseFT"]["exact_match"] if m == m_ft else
+                           score("PausePT", m, m)) for m in sweep}
+  robust = {str(m_inf): score("PausePT", m_ft, m_inf)
+            for m_inf in sorted({0, m_ft // 2, m_ft, (3 * m_ft) // 2, 2 * m_ft})}
+  results = {
+      "settings": {"quick": quick, "seed": seed, "m_ft": m_ft, "pretrain_steps": pre_steps,
+                   "finetune_steps": ft_steps, "eval_examples": examples, "task": FINETUNE_TASK},
+      "variants": variants, "m_ft_sweep": sweep_scores, "m_inf_robustness": robust,
+      "wall_time_s": time.time() - t0,
+  }
+  with open(os.path.join(outdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(outdir, "results.md"), "w") as f:
+    f.write(_markdown(results))
+  _plot(results, os.path.join(outdir, "ablation.png"))
+  print(_markdown(results), flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  run(main)
