@@ -1,0 +1,531 @@
+r"""n-bit parity with and without pause tokens, on a 2-layer causal decoder.
+
+    python -m pausejax.experiments.parity --outdir=runs/parity [--quick] \
+        [--num_bits=8,10,12,16] [--pauses=0,n/2,n] [--steps=1500] [--seed=0]
+
+London & Kanade 2025 (arXiv 2505.21024) report that a two-layer causally masked transformer learns
+parity when pause tokens follow the input and appears unable to without them. This runner trains
+`pausejax.model.Decoder` (2 layers) from scratch for every (n, M) pair and measures held-out
+accuracy. Writes to --outdir:
+
+  results.json   settings, and per run: accuracy/loss vs step, final and best accuracy, wall time
+  results.md     final held-out accuracy, rows n, columns M
+  parity.png     accuracy vs step per M (one panel per n), and final accuracy vs n per M
+
+The task. Token ids: bit 0 -> 0, bit 1 -> 1, `SEP_ID` = 2 ends the input, and `PAUSE_ID` = 3 is the
+pause, placed right after the base vocabulary as `pausejax.specials` does for real vocabularies (the
+embedding table has `VOCAB_ROWS` = 8 rows, not 128: this model is tiny). One example is
+
+  inputs   b1 b2 .. bn SEP P .. P        (n + 1 + M tokens; M pauses)
+  targets  b2 b3 .. SEP P  P .. parity   (next tokens; only the last one is scored)
+
+so the answer is read at the last position (the last pause, or SEP when M = 0): the PauseFT layout
+of Goyal et al. with prefix = bits + SEP. `decoder_loss_weights` is 1 at that position and 0
+everywhere else, so no bit, SEP or pause is ever a prediction target.
+
+Data. Training strings are drawn uniformly at random every step (fresh strings rather than the
+paper's fixed training set). Evaluation uses a fixed set of `num_eval` distinct strings (at most
+half of all 2^n strings), and training never draws a string of that set, so accuracy is on
+held-out strings; for small n the training strings are simply the other half. The data stream and
+the eval set depend on (seed, n) only, and the model initialisation on seed only, so every M at one
+n sees the same strings and starts from the same weights (a paired comparison).
+
+Settings the paper does not pin down for our model (its width, optimiser, step counts; whether its
+positions are absolute) are ours: see `QUICK` / `FULL`, and docs/results.md for what they measured.
+The model uses RoPE as everywhere in pausejax (`--rope_theta` changes its base). A run stops early
+once held-out accuracy has been 100 % at `SOLVED_EVALS` evaluations in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import types
+from typing import Any, Sequence
+
+from absl import flags
+import numpy as np
+
+from pausejax.errors import UsageError
+from pausejax.errors import run
+
+BIT_IDS = (0, 1)
+SEP_ID = 2
+BASE_VOCAB_SIZE = 3
+PAUSE_ID = BASE_VOCAB_SIZE  # As in pausejax.specials: the pause follows the base vocabulary.
+VOCAB_ROWS = 8
+SOLVED_EVALS = 3
+MAX_SEQ_LEN = 4096  # n + 1 + M; beyond this a CPU run of this size makes no sense.
+
+FILES = ("results.json", "results.md", "parity.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """One sweep: every n in `num_bits` x every pause spec in `pauses`."""
+  num_bits: tuple[int, ...]
+  pauses: tuple[str, ...]  # "4", or relative to n: "n", "n/2", "2n".
+  steps: int
+  batch_size: int
+  eval_every: int
+  num_eval: int
+  learning_rate: float
+  warmup_steps: int
+  weight_decay: float
+  d_model: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  seed: int
+
+
+# Quick: n + 1 + M takes 3 values over the 4 runs and every eval set has 16 strings, so only 3
+# train and 3 eval programs compile (compiling is most of its time).
+QUICK = Settings(num_bits=(5, 8), pauses=("0", "3"), steps=160, batch_size=32, eval_every=40,
+                 num_eval=16, learning_rate=3e-3, warmup_steps=20, weight_decay=0.01,
+                 d_model=32, num_heads=2, head_dim=16, mlp_dim=64, rope_theta=10_000.0, seed=0)
+FULL = Settings(num_bits=(8, 10, 12, 16), pauses=("0", "n/2", "n"), steps=1500, batch_size=64,
+                eval_every=100, num_eval=1024, learning_rate=1e-3, warmup_steps=200,
+                weight_decay=0.01, d_model=64, num_heads=4, head_dim=16, mlp_dim=256,
+                rope_theta=10_000.0, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pause counts: absolute ("4") or relative to the number of bits ("n", "n/2", "2n", "3n/4").
+
+_RELATIVE = re.compile(r"^(\d*)n(?:/(\d+))?$")
+
+
+def parse_pause_spec(spec: str) -> str:
+  """Normalises one --pauses entry; UsageError unless it is >= 0 or of the form [a]n[/b]."""
+  text = str(spec).strip().replace(" ", "")
+  if re.fullmatch(r"\d+", text):
+    return str(int(text))
+  m = _RELATIVE.match(text)
+  if m and (m.group(1) in ("", None) or int(m.group(1)) > 0) and (
+      m.group(2) is None or int(m.group(2)) > 0):
+    return text
+  raise UsageError.setting("--pauses", spec, "comma-separated pause counts, each a non-negative "
+                           "integer or a multiple of n such as n, n/2, 2n")
+
+
+def resolve_pauses(spec: str, num_bits: int) -> int:
+  """The number of pauses M that `spec` means for n = `num_bits` (n/b rounds down)."""
+  if re.fullmatch(r"\d+", spec):
+    return int(spec)
+  m = _RELATIVE.match(spec)
+  return int(m.group(1) or 1) * num_bits // int(m.group(2) or 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+def parity(bits_BxN: np.ndarray) -> np.ndarray:
+  """The parity (0 or 1) of each row of 0/1 bits."""
+  return (np.sum(bits_BxN, axis=-1) % 2).astype(np.int32)
+
+
+def make_batch(bits_BxN: np.ndarray, num_pauses: int) -> dict[str, np.ndarray]:
+  """Decoder features for bit strings: see the module docstring for the layout."""
+  batch, n = bits_BxN.shape
+  length = n + 1 + num_pauses
+  inputs_BxL = np.full((batch, length), PAUSE_ID, np.int32)
+  inputs_BxL[:, :n] = np.asarray(BIT_IDS, np.int32)[bits_BxN]
+  inputs_BxL[:, n] = SEP_ID
+  targets_BxL = np.empty_like(inputs_BxL)
+  targets_BxL[:, :-1] = inputs_BxL[:, 1:]  # Next-token targets, all with weight 0...
+  targets_BxL[:, -1] = np.asarray(BIT_IDS, np.int32)[parity(bits_BxN)]  # ...but the answer.
+  weights_BxL = np.zeros((batch, length), np.float32)
+  weights_BxL[:, -1] = 1.0
+  return {"decoder_input_tokens": inputs_BxL, "decoder_target_tokens": targets_BxL,
+          "decoder_loss_weights": weights_BxL}
+
+
+def _key(row: np.ndarray) -> bytes:
+  return np.packbits(row.astype(np.uint8)).tobytes()
+
+
+class ParityData:
+  """A fixed held-out eval set and a stream of training strings that never hits it."""
+
+  def __init__(self, num_bits: int, num_eval: int, seed: int):
+    self.num_bits = num_bits
+    rng = np.random.default_rng([seed, num_bits, 0])
+    # At most half the 2^n strings go to eval, so training always has some left.
+    size = max(1, min(num_eval, 2 ** min(num_bits, 62) // 2))
+    rows, self._eval_keys = [], set()
+    while len(rows) < size:
+      for row in rng.integers(0, 2, (size, num_bits), dtype=np.int8):
+        k = _key(row)
+        if k not in self._eval_keys and len(rows) < size:
+          self._eval_keys.add(k)
+          rows.append(row)
+    self.eval_bits = np.stack(rows).astype(np.int32)
+    self._train_rng = np.random.default_rng([seed, num_bits, 1])
+
+  def is_held_out(self, row: np.ndarray) -> bool:
+    return _key(row) in self._eval_keys
+
+  def train_bits(self, count: int) -> np.ndarray:
+    """`count` uniformly random strings outside the eval set (rejection sampling)."""
+    out = self._train_rng.integers(0, 2, (count, self.num_bits), dtype=np.int8)
+    for i in range(count):
+      while self.is_held_out(out[i]):
+        out[i] = self._train_rng.integers(0, 2, self.num_bits, dtype=np.int8)
+    return out.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+def model_config(s: Settings):
+  """The 2-layer decoder. No max_len: one config (and one compiled init) for every (n, M)."""
+  from pausejax import model as model_lib
+  return model_lib.ModelConfig(
+      vocab_size=VOCAB_ROWS, num_layers=2, d_model=s.d_model, num_heads=s.num_heads,
+      head_dim=s.head_dim, mlp_dim=s.mlp_dim, tied_embeddings=False, rope_theta=s.rope_theta)
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(s: Settings) -> types.SimpleNamespace:
+  """Jitted init, train and eval functions shared by every run of a sweep.
+
+  They recompile only for a new sequence length: compiling is most of a --quick run's time, and
+  building the model eagerly would compile each of its ops on its own.
+  """
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from flax import nnx
+  from pausejax import model as model_lib
+  from pausejax import step as step_lib
+
+  cfg = model_config(s)
+  graphdef, abstract_params = step_lib.abstract_model(cfg)
+  oc = ml_collections.ConfigDict(dict(
+      learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, end_lr_ratio=0.1, b1=0.9,
+      b2=0.98, eps=1e-8, weight_decay=s.weight_decay, grad_clip_norm=1.0))
+  tx, schedule = step_lib.make_optimizer(oc, s.steps, step_lib.param_logical_specs(abstract_params))
+  train_step = step_lib.make_train_step(graphdef, abstract_params, tx, schedule, PAUSE_ID)
+
+  def init():
+    # The 'rbg' generator: threefry's unrolled rounds double the time to compile this on CPU.
+    model = model_lib.Decoder(cfg, rngs=nnx.Rngs(jax.random.key(s.seed, impl="rbg")))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  def train_chunk(state, batches):  # One call runs a stack of batches, one step each.
+    state, metrics = jax.lax.scan(train_step, state, batches)
+    return state, {k: jnp.mean(metrics[k]) for k in ("train_loss", "train_accuracy")}
+
+  return types.SimpleNamespace(
+      num_params=model_lib.count_params(cfg), init=jax.jit(init),
+      train_chunk=jax.jit(train_chunk, donate_argnums=0),
+      evaluate=jax.jit(step_lib.make_eval_step(graphdef, abstract_params)))
+
+
+def train_one(s: Settings, data: ParityData, num_pauses: int, progress=None) -> dict[str, Any]:
+  """Trains one model on n-bit parity with `num_pauses` pauses; returns its record."""
+  import jax
+
+  n = data.num_bits
+  programs = _programs(s)
+  state = programs.init()
+  eval_batch = make_batch(data.eval_bits, num_pauses)
+  curve, solved, done, start = [], 0, 0, time.perf_counter()
+  while done < s.steps:
+    chunk = min(s.eval_every, s.steps - done)
+    bits = data.train_bits(chunk * s.batch_size).reshape(chunk, s.batch_size, n)
+    batches = jax.tree.map(lambda *rows: np.stack(rows), *[make_batch(b, num_pauses) for b in bits])
+    state, train_metrics = programs.train_chunk(state, batches)
+    done += chunk
+    terms = jax.device_get(programs.evaluate(state["params"], eval_batch))
+    point = {"step": done,
+             "eval_accuracy": float(terms["correct_sum"] / terms["weight_sum"]),
+             "eval_loss": float(terms["nll_sum"] / terms["weight_sum"]),
+             "train_loss": float(train_metrics["train_loss"]),
+             "train_accuracy": float(train_metrics["train_accuracy"])}
+    curve.append(point)
+    solved = solved + 1 if point["eval_accuracy"] == 1.0 else 0
+    if progress:
+      progress(done, point)
+    if solved >= SOLVED_EVALS:
+      break
+  accuracies = [p["eval_accuracy"] for p in curve]
+  return {"num_bits": n, "num_pauses": num_pauses, "seq_len": n + 1 + num_pauses,
+          "num_params": programs.num_params, "steps_run": done,
+          "stopped_early": done < s.steps, "final_accuracy": accuracies[-1],
+          "best_accuracy": max(accuracies), "num_eval": len(data.eval_bits),
+          "wall_s": round(time.perf_counter() - start, 2), "curve": curve}
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress, sweep and outputs.
+
+class Progress:
+  """One status line with an ETA, rewritten in place on a terminal, else every `every_s` seconds.
+
+  Work is counted in token-steps (steps x sequence length), since a step's cost grows with it;
+  runs that stop early take their unused work out of the total.
+  """
+
+  def __init__(self, total_work: float, stream=None, every_s: float = 10.0):
+    from pausejax.metrics import format_duration
+    self._fmt = format_duration
+    self.total = float(total_work)
+    self.stream = stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self.every_s, self.start, self.last = every_s, time.perf_counter(), -math.inf
+
+  def update(self, label: str, work_done: float, force: bool = False) -> None:
+    now = time.perf_counter()
+    if not (force or self.tty or now - self.last >= self.every_s):
+      return
+    self.last = now
+    elapsed = now - self.start
+    frac = min(1.0, work_done / self.total) if self.total else 1.0
+    eta = elapsed * (1 - frac) / frac if frac > 0 else math.nan
+    line = (f"parity {100 * frac:3.0f}% | {label} | {self._fmt(elapsed)} elapsed, "
+            f"ETA {self._fmt(eta)}")
+    self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.tty:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
+def sweep(s: Settings, stream=None) -> dict[str, Any]:
+  """Trains every (n, M) of `s`; returns the results.json content."""
+  start = time.perf_counter()
+  plan = [(n, spec, resolve_pauses(spec, n)) for n in s.num_bits for spec in s.pauses]
+  progress = Progress(sum(s.steps * (n + 1 + m) for n, _, m in plan), stream)
+  runs, finished = [], 0.0
+  for i, (n, spec, m) in enumerate(plan):
+    data = ParityData(n, s.num_eval, s.seed)
+    label = f"run {i + 1}/{len(plan)} n={n} M={m}"
+
+    def report(step, point, n=n, m=m, label=label):
+      progress.update(f"{label} step {step}/{s.steps} held-out acc {point['eval_accuracy']:.3f}",
+                      finished + step * (n + 1 + m))
+
+    record = train_one(s, data, m, report)
+    record["pauses"] = spec
+    runs.append(record)
+    progress.total -= (s.steps - record["steps_run"]) * (n + 1 + m)
+    finished += record["steps_run"] * (n + 1 + m)
+    progress.update(f"{label} done: final held-out acc {record['final_accuracy']:.3f}", finished,
+                    force=True)
+  progress.close()
+  return {"experiment": "parity", "settings": dataclasses.asdict(s),
+          "tokens": {"bit0": BIT_IDS[0], "bit1": BIT_IDS[1], "sep": SEP_ID, "pause": PAUSE_ID},
+          "num_layers": 2, "runs": runs, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _cell(results: dict[str, Any], n: int, spec: str) -> dict[str, Any]:
+  return next(r for r in results["runs"] if r["num_bits"] == n and r["pauses"] == spec)
+
+
+def results_table(results: dict[str, Any]) -> str:
+  """Markdown: final held-out accuracy, rows n, columns M (resolved M in brackets if relative)."""
+  s = results["settings"]
+  head = "| n | " + " | ".join(f"M = {p}" for p in s["pauses"]) + " |"
+  rows = [head, "|---|" + "---|" * len(s["pauses"])]
+  for n in s["num_bits"]:
+    cells = []
+    for spec in s["pauses"]:
+      r = _cell(results, n, spec)
+      text = f"{r['final_accuracy']:.3f}"
+      if not re.fullmatch(r"\d+", spec):
+        text += f" (M={r['num_pauses']})"
+      cells.append(text)
+    rows.append(f"| {n} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def results_markdown(results: dict[str, Any], command: str) -> str:
+  s = results["settings"]
+  return "\n".join([
+      "# Parity with pause tokens",
+      "",
+      f"Final held-out accuracy (chance 0.5) of a 2-layer causal decoder (d_model {s['d_model']}, "
+      f"{s['num_heads']} heads) on n-bit parity with M pauses after the bits; up to "
+      f"{s['steps']} steps of batch {s['batch_size']}, {s['num_eval']} held-out strings per n "
+      f"(fewer when 2^n is small), seed {s['seed']}. Wall time {results['wall_s']:.0f} s.",
+      "",
+      results_table(results),
+      "",
+      f"Command: `{command}`",
+      ""])
+
+
+def plot(results: dict[str, Any], out_png: str) -> None:
+  """Accuracy vs step (one panel per n, one line per M) and final accuracy vs n per M."""
+  from matplotlib.figure import Figure  # No pyplot: no global backend state (Agg via savefig).
+
+  s = results["settings"]
+  ns, specs = s["num_bits"], s["pauses"]
+  fig = Figure(figsize=(4 * (len(ns) + 1), 3.6), dpi=110, layout="constrained")
+  axes = fig.subplots(1, len(ns) + 1, squeeze=False)[0]
+  colors = {spec: f"C{i}" for i, spec in enumerate(specs)}
+  for ax, n in zip(axes, ns):
+    for spec in specs:
+      r = _cell(results, n, spec)
+      steps = [p["step"] for p in r["curve"]]
+      ax.plot(steps, [p["eval_accuracy"] for p in r["curve"]], "-", color=colors[spec],
+              label=f"M={r['num_pauses']}")
+    ax.set(title=f"n = {n}", xlabel="training step", ylabel="held-out accuracy",
+           ylim=(0, 1.02))
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  ax = axes[-1]
+  for spec in specs:
+    ax.plot(ns, [_cell(results, n, spec)["final_accuracy"] for n in ns], "o-",
+            color=colors[spec], label=f"M = {spec}")
+  ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+  ax.set(title="final accuracy vs n", xlabel="n (bits)", ylabel="held-out accuracy",
+         ylim=(0, 1.02), xscale="log")
+  ax.minorticks_off()  # Log-scale minor labels would overprint the n ticks.
+  ax.set_xticks(ns, [str(n) for n in ns])
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.suptitle("2-layer causal decoder on n-bit parity, M pauses after the bits")
+  fig.savefig(out_png, format="png")
+
+
+def write_outputs(results: dict[str, Any], outdir: str, command: str) -> None:
+  """Writes the three files into a temporary folder, then moves each into place."""
+  os.makedirs(outdir, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=outdir, prefix=".parity-") as tmp:
+    with open(os.path.join(tmp, "results.json"), "w") as f:
+      json.dump(dict(results, command=command), f, indent=1)
+    with open(os.path.join(tmp, "results.md"), "w") as f:
+      f.write(results_markdown(results, command))
+    plot(results, os.path.join(tmp, "parity.png"))
+    for name in FILES:
+      os.replace(os.path.join(tmp, name), os.path.join(outdir, name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+def check_outdir(outdir: str | None) -> str:
+  """The absolute outdir; UsageError (and nothing created) if it cannot be written."""
+  if not outdir:
+    raise UsageError.setting("--outdir", outdir, "give a directory for the results")
+  path = os.path.abspath(outdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError.setting("--outdir", outdir, "exists and is not a directory")
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UsageError.setting("--outdir", outdir, f"{probe} is a file, not a directory")
+  try:  # os.access says yes to root even on read-only mounts: really try (and leave nothing).
+    with tempfile.TemporaryFile(dir=probe):
+      pass
+  except OSError as e:
+    raise UsageError.setting("--outdir", outdir,
+                             f"cannot write in {probe} ({e.strerror}); choose a writable path")
+  return path
+
+
+def _int_list(name: str, text: str, minimum: int) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in str(text).split(",") if v.strip())
+  except ValueError:
+    values = ()
+  if not values or min(values) < minimum:
+    raise UsageError.setting(name, text, f"comma-separated integers >= {minimum}")
+  return tuple(dict.fromkeys(values))  # Drop repeats, keep order.
+
+
+def settings_from_flags(f) -> Settings:
+  """The preset (--quick or full) with the flags that were given; UsageError for bad ones."""
+  s = QUICK if f.quick else FULL
+  changes: dict[str, Any] = {}
+  if f.num_bits is not None:
+    changes["num_bits"] = _int_list("--num_bits", f.num_bits, 1)
+  if f.pauses is not None:
+    specs = tuple(parse_pause_spec(p) for p in str(f.pauses).split(",") if p.strip())
+    if not specs:
+      raise UsageError.setting("--pauses", f.pauses, "at least one pause count, e.g. 0,n/2,n")
+    changes["pauses"] = tuple(dict.fromkeys(specs))
+  for name in ("steps", "batch_size", "eval_every", "num_eval", "d_model", "num_heads",
+               "head_dim", "mlp_dim"):
+    value = getattr(f, name)
+    if value is not None:
+      if value < 1:
+        raise UsageError.setting(f"--{name}", value, "a positive integer")
+      changes[name] = value
+  if f.learning_rate is not None:
+    if not f.learning_rate > 0:
+      raise UsageError.setting("--learning_rate", f.learning_rate, "a positive number")
+    changes["learning_rate"] = f.learning_rate
+  if f.rope_theta is not None:
+    if not f.rope_theta > 0:
+      raise UsageError.setting("--rope_theta", f.rope_theta, "a positive number")
+    changes["rope_theta"] = f.rope_theta
+  if f.seed is not None:
+    if f.seed < 0:
+      raise UsageError.setting("--seed", f.seed, "a non-negative integer")
+    changes["seed"] = f.seed
+  s = dataclasses.replace(s, **changes)
+  if s.head_dim % 2:
+    raise UsageError.setting("--head_dim", s.head_dim, "an even integer (RoPE rotates pairs)")
+  longest = max(n + 1 + resolve_pauses(p, n) for n in s.num_bits for p in s.pauses)
+  if longest > MAX_SEQ_LEN:
+    raise UsageError.setting("--num_bits/--pauses", f"{s.num_bits}/{s.pauses}",
+                             f"sequences of n + 1 + M <= {MAX_SEQ_LEN} tokens (got {longest})")
+  return s
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("outdir", None, "Directory for results.json, results.md and parity.png.")
+  flags.DEFINE_bool("quick", False, "Tiny sweep for CI (seconds) instead of the full one.")
+  flags.DEFINE_string("num_bits", None, "Comma-separated n values (default: the preset's).")
+  flags.DEFINE_string("pauses", None,
+                      "Comma-separated pause counts M: integers, or n, n/2, 2n... (relative to n).")
+  flags.DEFINE_integer("steps", None, "Training steps per (n, M) run.")
+  flags.DEFINE_integer("batch_size", None, "Training strings per step.")
+  flags.DEFINE_integer("eval_every", None, "Steps between held-out evaluations.")
+  flags.DEFINE_integer("num_eval", None, "Held-out strings per n.")
+  flags.DEFINE_float("learning_rate", None, "Peak AdamW learning rate.")
+  flags.DEFINE_integer("d_model", None, "Model width.")
+  flags.DEFINE_integer("num_heads", None, "Attention heads.")
+  flags.DEFINE_integer("head_dim", None, "Width of one head (even).")
+  flags.DEFINE_integer("mlp_dim", None, "SwiGLU hidden width.")
+  flags.DEFINE_float("rope_theta", None, "RoPE base.")
+  flags.DEFINE_integer("seed", None, "Seed of the data and of the initial weights.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {list(argv[1:])}; all settings are --flags")
+  f = flags.FLAGS
+  outdir = check_outdir(f.outdir)
+  s = settings_from_flags(f)
+  if f.quick and "jax" not in sys.modules:
+    # Compiling dominates a quick run; LLVM optimisations cost more than they save there.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_backend_optimization_level=0").strip()
+  command = "python -m pausejax.experiments.parity " + " ".join(sys.argv[1:])
+  results = sweep(s)
+  write_outputs(results, outdir, command)
+  print(results_table(results))
+  print(f"wrote {', '.join(FILES)} to {outdir} ({results['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+  define_flags()
+  run(main)

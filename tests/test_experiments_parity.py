@@ -1,0 +1,204 @@
+"""The parity runner: its data generator, its CLI outputs and its bad-input errors."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from pausejax.errors import UsageError
+from pausejax.experiments import parity
+
+from conftest import REPO
+
+
+def _run_cli(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "pausejax.experiments.parity", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _xor_parity(row) -> int:
+  """Parity written independently of the module: a running XOR over the bits."""
+  return functools.reduce(lambda a, b: a ^ int(b), row, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+@pytest.mark.parametrize("num_bits,num_pauses", [(1, 0), (5, 0), (7, 3), (16, 16), (33, 8)])
+def test_batch_layout_labels_and_loss_mask(num_bits, num_pauses):
+  rng = np.random.default_rng(num_bits * 100 + num_pauses)
+  bits = rng.integers(0, 2, (64, num_bits))
+  batch = parity.make_batch(bits, num_pauses)
+  inputs = batch["decoder_input_tokens"]
+  targets = batch["decoder_target_tokens"]
+  weights = batch["decoder_loss_weights"]
+  length = num_bits + 1 + num_pauses
+  assert inputs.shape == targets.shape == weights.shape == (64, length)
+  # Documented layout: bits as ids 0/1, then SEP, then exactly M pauses at the end.
+  np.testing.assert_array_equal(inputs[:, :num_bits], bits)
+  assert (inputs[:, num_bits] == parity.SEP_ID).all()
+  assert (inputs[:, num_bits + 1:] == parity.PAUSE_ID).all()
+  assert (inputs == parity.PAUSE_ID).sum(axis=1).tolist() == [num_pauses] * 64
+  assert parity.PAUSE_ID == parity.BASE_VOCAB_SIZE
+  assert len({parity.BIT_IDS[0], parity.BIT_IDS[1], parity.SEP_ID, parity.PAUSE_ID}) == 4
+  assert max(parity.PAUSE_ID, parity.SEP_ID) < parity.VOCAB_ROWS
+  # Loss only on the answer, which is the last position; its target is the parity.
+  expected_weights = np.zeros((64, length))
+  expected_weights[:, -1] = 1
+  np.testing.assert_array_equal(weights, expected_weights)
+  assert targets[:, -1].tolist() == [_xor_parity(row) for row in bits]
+  np.testing.assert_array_equal(targets[:, :-1], inputs[:, 1:])
+
+
+def test_labels_are_balanced_and_depend_on_every_bit():
+  bits = np.random.default_rng(0).integers(0, 2, (4000, 12))
+  labels = parity.make_batch(bits, 2)["decoder_target_tokens"][:, -1]
+  assert 0.45 < labels.mean() < 0.55
+  for i in range(12):  # Flipping any single bit flips the answer.
+    flipped = bits.copy()
+    flipped[:, i] ^= 1
+    np.testing.assert_array_equal(parity.make_batch(flipped, 2)["decoder_target_tokens"][:, -1],
+                                  1 - labels)
+
+
+def test_eval_strings_are_distinct_and_never_trained_on():
+  data = parity.ParityData(num_bits=4, num_eval=100, seed=3)  # 16 strings: 8 eval, 8 train.
+  eval_set = {tuple(r) for r in data.eval_bits.tolist()}
+  assert len(eval_set) == len(data.eval_bits) == 8
+  train_set = {tuple(r) for r in data.train_bits(2000).tolist()}
+  assert not eval_set & train_set
+  assert len(train_set) == 8  # Uniform over what is left: every other string shows up.
+
+
+def test_data_is_seeded_and_eval_set_is_capped():
+  a = parity.ParityData(num_bits=20, num_eval=300, seed=1)
+  b = parity.ParityData(num_bits=20, num_eval=300, seed=1)
+  c = parity.ParityData(num_bits=20, num_eval=300, seed=2)
+  np.testing.assert_array_equal(a.eval_bits, b.eval_bits)
+  np.testing.assert_array_equal(a.train_bits(50), b.train_bits(50))
+  assert not np.array_equal(a.eval_bits, c.eval_bits)
+  assert a.eval_bits.shape == (300, 20)
+  assert parity.ParityData(num_bits=1, num_eval=300, seed=0).eval_bits.shape == (1, 1)
+
+
+@pytest.mark.parametrize("spec,n,expected", [
+    ("0", 16, 0), ("8", 16, 8), ("n", 16, 16), ("n/2", 16, 8), ("n/2", 5, 2), ("2n", 7, 14),
+    ("3n/4", 16, 12)])
+def test_pause_specs(spec, n, expected):
+  assert parity.resolve_pauses(parity.parse_pause_spec(spec), n) == expected
+
+
+@pytest.mark.parametrize("spec", ["-1", "x", "n/0", "0n", "1.5", "n-1", ""])
+def test_bad_pause_specs(spec):
+  with pytest.raises(UsageError, match="--pauses"):
+    parity.parse_pause_spec(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings from flags (a fake flags object: a namespace with every flag unset).
+
+def _fake_flags(**given):
+  names = ("num_bits", "pauses", "steps", "batch_size", "eval_every", "num_eval",
+           "learning_rate", "d_model", "num_heads", "head_dim", "mlp_dim", "rope_theta", "seed")
+  values = dict.fromkeys(names, None)
+  values["quick"] = False
+  values.update(given)
+  return types.SimpleNamespace(**values)
+
+
+def test_flags_override_the_preset():
+  s = parity.settings_from_flags(_fake_flags(quick=True, num_bits="3,5,3", pauses="0, n/2,4",
+                                             steps=7, seed=9))
+  assert s.num_bits == (3, 5) and s.pauses == ("0", "n/2", "4")
+  assert (s.steps, s.seed, s.d_model) == (7, 9, parity.QUICK.d_model)
+  assert parity.settings_from_flags(_fake_flags()) == parity.FULL
+
+
+@pytest.mark.parametrize("given,name", [
+    (dict(num_bits="0"), "--num_bits"), (dict(num_bits="4,-2"), "--num_bits"),
+    (dict(num_bits="a"), "--num_bits"), (dict(num_bits=""), "--num_bits"),
+    (dict(pauses="0,-3"), "--pauses"), (dict(pauses=","), "--pauses"),
+    (dict(steps=0), "--steps"), (dict(batch_size=-1), "--batch_size"),
+    (dict(learning_rate=0.0), "--learning_rate"), (dict(head_dim=15), "--head_dim"),
+    (dict(rope_theta=-1.0), "--rope_theta"), (dict(seed=-1), "--seed"),
+    (dict(num_bits="3000", pauses="n"), "--num_bits/--pauses")])
+def test_bad_settings(given, name):
+  with pytest.raises(UsageError) as e:
+    parity.settings_from_flags(_fake_flags(**given))
+  assert str(e.value).startswith(name + "=") and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+@pytest.mark.parametrize("args,name", [
+    (["--pauses=0,-1"], "--pauses"),
+    (["--num_bits=0"], "--num_bits"),
+    (["--num_bits=-4"], "--num_bits"),
+    (["--steps=0"], "--steps"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, name):
+  outdir = tmp_path / "out"
+  result = _run_cli(f"--outdir={outdir}", "--quick", *args)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith(f"error: {name}="), result.stderr
+  assert not outdir.exists() and os.listdir(tmp_path) == []
+
+
+def test_cli_unwritable_outdir(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  for outdir, words in ((blocker / "sub", "is a file"), (blocker, "not a directory")):
+    result = _run_cli(f"--outdir={outdir}", "--quick")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --outdir=") and words in result.stderr
+  assert sorted(os.listdir(tmp_path)) == ["a_file"] and blocker.read_text() == "x"
+
+
+def test_cli_needs_outdir(tmp_path):
+  result = _run_cli("--quick")
+  assert result.returncode == 2 and result.stderr.startswith("error: --outdir=")
+
+
+def test_quick_run_writes_results(tmp_path):
+  outdir = tmp_path / "nested" / "out"
+  result = _run_cli(f"--outdir={outdir}", "--quick")
+  assert result.returncode == 0, result.stderr
+  assert "ETA" in result.stderr  # The progress line.
+  assert sorted(os.listdir(outdir)) == sorted(parity.FILES)  # No temporary files left.
+
+  with open(outdir / "results.json") as f:
+    results = json.load(f)
+  s = parity.QUICK
+  assert results["settings"]["num_bits"] == list(s.num_bits)
+  assert results["settings"]["pauses"] == list(s.pauses)
+  assert results["tokens"]["pause"] == parity.PAUSE_ID
+  assert results["command"].startswith("python -m pausejax.experiments.parity")
+  runs = results["runs"]
+  assert sorted((r["num_bits"], r["pauses"]) for r in runs) == sorted(
+      (n, p) for n in s.num_bits for p in s.pauses)
+  for r in runs:
+    assert r["num_pauses"] == parity.resolve_pauses(r["pauses"], r["num_bits"])
+    assert r["seq_len"] == r["num_bits"] + 1 + r["num_pauses"]
+    steps = [p["step"] for p in r["curve"]]
+    assert steps == sorted(steps) and steps[-1] == r["steps_run"] <= s.steps
+    assert r["stopped_early"] == (r["steps_run"] < s.steps)
+    for p in r["curve"]:
+      assert 0.0 <= p["eval_accuracy"] <= 1.0 and np.isfinite(p["eval_loss"])
+    assert r["final_accuracy"] == r["curve"][-1]["eval_accuracy"]
+    assert r["best_accuracy"] == max(p["eval_accuracy"] for p in r["curve"])
+
+  table = (outdir / "results.md").read_text()
+  header = next(line for line in table.splitlines() if line.startswith("| n |"))
+  assert header.count("M = ") == len(s.pauses)
+  for r in runs:  # Row n holds every M's final accuracy.
+    row = next(line for line in table.splitlines() if line.startswith(f"| {r['num_bits']} |"))
+    assert f"{r['final_accuracy']:.3f}" in row
+  with open(outdir / "parity.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
