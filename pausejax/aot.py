@@ -10,7 +10,8 @@ train step as `pausejax.train` (same in/out shardings, state donated). It prints
 
   * HBM per chip from the compiled executable: arguments, outputs, aliased (donated state reused
     for the new state), temporaries, generated code and their total, against the chip's HBM;
-  * FLOPs per step from the compiled executable and from `model.flops_per_token` x tokens;
+  * FLOPs per step from the compiled executable and from `model.flops_per_token` x tokens (the
+    compiled count only without `model.scan_layers`: cost_analysis counts a loop body once);
   * the step time and tokens/s that the given MFU (default 40%) would give at the chip's bf16 peak.
 
 It exits 2 with one line when the train step does not fit in HBM (with settings to try) or the
@@ -173,6 +174,8 @@ class Report:
   params: int
   vocab: tuple[int, int, str]   # Embedding rows, base vocabulary size, where that came from.
   num_specials: int
+  remat: str
+  scan_layers: bool
   global_batch_size: int
   seq_len: int
   batch_shards: int
@@ -180,7 +183,7 @@ class Report:
   memory: dict[str, int]        # Per chip, bytes; 'total' = the others summed (aliased negative).
   hbm_spec: str
   usable_hbm_gib: float
-  flops_compiled: float         # Whole step, all chips.
+  flops_compiled: float | None  # Whole step, all chips; None with scanned layers (see below).
   flops_analytic: float
   peak_name: str
   peak_per_chip: float
@@ -207,16 +210,16 @@ def _fit_suggestions(config, mesh: Mesh, batch_shards: int, num_slices: int, nee
         f"--config.mesh.data={num_slices} --config.mesh.fsdp=-1 (shard parameters and optimizer "
         f"state, {_size(state_gib * GiB)} per chip now, over the {chips_per_slice} chips of a "
         "slice)")
-  replicated_gib = state_gib * mesh.shape["fsdp"] * mesh.shape["tensor"]
-  if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 and replicated_gib < 0.5 * usable_gib:
-    # With only parameters and batch annotated, XLA keeps some activations of fsdp-sharded matmuls
-    # whole-batch; replicating a state that fits keeps every activation split by batch.
+  # (Pure data parallelism is no remedy: the model constrains its activations to split by batch
+  # over data and fsdp alike, so fsdp holds the same activations and less state.)
+  if config.model.get("remat", "none") == "none":
     cut_activations.append(
-        f"--config.mesh.data=-1 --config.mesh.fsdp=1 --config.mesh.tensor=1 (pure data "
-        f"parallelism: the train state, {_size(replicated_gib * GiB)} per chip replicated, fits)")
-  if "remat" in config.model and not config.model.remat:
-    cut_activations.append("--config.model.remat=True (recompute activations in the backward "
-                           "pass)")
+        "--config.model.remat=full (keep only each block's input and recompute the block in the "
+        "backward pass; --config.model.remat=minimal also keeps its weight matmuls' outputs)")
+  if not config.model.get("scan_layers", False):
+    cut_activations.append(
+        "--config.model.scan_layers=True (one compiled layer in a loop: less generated code and "
+        "compile time; with remat one layer's activations at a time)")
   if config.model.dtype == "float32":
     cut_activations.append("--config.model.dtype=bfloat16 (half-size activations)")
   # Activations grow roughly linearly with the sequences a chip holds at once. Aim at 60% of HBM:
@@ -275,12 +278,14 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   devices = topology_devices(generation, axes, num_slices)
 
   # Mesh, model, optimizer and state exactly as train.train_and_evaluate builds them.
-  mesh = make_mesh(config.mesh, devices, num_slices)
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_dict(config.logical_axis_rules)
   sharding.check_batch_divisible(config.global_batch_size, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   rows, base, source = vocab_rows(config, assumed_vocab)
-  model_cfg = model_lib.ModelConfig.from_config(config.model, rows)
+  # With the mesh and rules the model constrains its activations (split by batch, not by fsdp).
+  model_cfg = model_lib.ModelConfig.from_config(config.model, rows, mesh=mesh,
+                                                rules=config.logical_axis_rules)
   graphdef, abstract_params = step_lib.abstract_model(model_cfg)
   param_specs = step_lib.param_logical_specs(abstract_params)
   param_shardings = sharding.named_shardings(param_specs, mesh, rules)
@@ -339,13 +344,16 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
       topology=topology, num_slices=num_slices, device_kind=kind, num_chips=len(devices),
       mesh=dict(mesh.shape), params=model_lib.count_params(model_cfg),
       vocab=(rows, base, source), num_specials=len(specials.SPECIAL_TOKENS),
+      remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
       global_batch_size=config.global_batch_size,
       seq_len=config.seq_len, batch_shards=batch_shards,
       microbatches=accumulate.get("microbatches", 1), memory=memory,
       hbm_spec=chip.hbm_spec, usable_hbm_gib=chip.usable_hbm_gib,
       # cost_analysis counts one device's share of the SPMD program, and a loop body once: scale
       # by the microbatches (which also counts the optimizer update, a tiny part, that often).
-      flops_compiled=float(cost["flops"]) * len(devices) * accumulate.get("microbatches", 1),
+      # A scan over layers would count one layer of N and no factor recovers the rest: not shown.
+      flops_compiled=None if model_cfg.scan_layers else
+      float(cost["flops"]) * len(devices) * accumulate.get("microbatches", 1),
       flops_analytic=model_lib.flops_per_token(model_cfg, config.seq_len) * tokens,
       peak_name=peak[0], peak_per_chip=peak[1], mfu=mfu, lower_s=t1 - t0, compile_s=t2 - t1)
 
@@ -357,7 +365,8 @@ def format_report(r: Report) -> str:
       f"topology: {r.topology}{slices} = {r.num_chips} x {r.device_kind} chips | mesh "
       + " ".join(f"{k}={v}" for k, v in r.mesh.items()),
       f"model: {r.params / 1e6:.1f}M params | vocab {rows} rows (base {base}, {source}; + "
-      f"{r.num_specials} specials, padded to 128)",
+      f"{r.num_specials} specials, padded to 128) | remat {r.remat}"
+      + (" | layers scanned" if r.scan_layers else ""),
       f"batch: {r.global_batch_size} x {r.seq_len} tokens per step, "
       f"{r.global_batch_size // r.batch_shards} sequences per batch shard"
       + (f" in {r.microbatches} microbatches" if r.microbatches > 1 else ""),
@@ -369,11 +378,16 @@ def format_report(r: Report) -> str:
   total = r.memory["total"]
   lines.append(f"  {'total:':<16}{_size(total):>12} of {r.usable_hbm_gib:g} GiB usable "
                f"({100 * total / (r.usable_hbm_gib * GiB):.1f}%; spec sheet: {r.hbm_spec} HBM)")
+  analytic = f"{r.flops_analytic:.4g} analytic (flops_per_token x {r.tokens_per_step} tokens)"
+  if r.flops_compiled is None:
+    flops = (f"FLOPs per step: n/a compiled (model.scan_layers: cost_analysis counts the "
+             f"scanned layer once) | {analytic}")
+  else:
+    flops = (f"FLOPs per step: {r.flops_compiled:.4g} compiled (cost_analysis x {r.num_chips} "
+             f"chips" + (f" x {r.microbatches} microbatches" if r.microbatches > 1 else "")
+             + f") | {analytic} | ratio {r.flops_compiled / r.flops_analytic:.2f}")
   lines += [
-      f"FLOPs per step: {r.flops_compiled:.4g} compiled (cost_analysis x {r.num_chips} chips"
-      + (f" x {r.microbatches} microbatches" if r.microbatches > 1 else "") + ") | "
-      f"{r.flops_analytic:.4g} analytic (flops_per_token x {r.tokens_per_step} tokens) | "
-      f"ratio {r.flops_compiled / r.flops_analytic:.2f}",
+      flops,
       f"at {100 * r.mfu:g}% MFU ({r.peak_name} bf16 peak {r.peak_per_chip / 1e12:g} TFLOP/s per "
       f"chip): step time {r.step_time:.4g} s | {r.tokens_per_step / r.step_time:.4g} tokens/s",
   ]

@@ -33,6 +33,21 @@ and create the state under `jax.jit(..., out_shardings=shardings)`. Without rule
 the rules (map it to None to replicate): an unmapped name is passed through as a mesh axis name.
 `nnx.Optimizer` copies the metadata, so optimizer state gets the same names.
 
+Activation sharding: given a `mesh` and `logical_axis_rules` (`ModelConfig.from_config(...,
+mesh=, rules=)`), the model constrains its activations with `jax.lax.with_sharding_constraint`:
+the residual stream to ('batch', 'length', 'activation_embed'), queries/keys/values to ('batch',
+'length', 'heads', 'kv'), the MLP hidden to ('batch', 'length', 'mlp') and the logits to ('batch',
+'length', 'vocab'). 'activation_embed' is its own name because the parameters' 'embed' goes over
+fsdp while activations split by batch (without the constraints XLA may keep some activations of
+fsdp-sharded matmuls whole-batch on every chip). No mesh, or a one-device mesh: no constraints.
+
+Scanned layers (`scan_layers`): the blocks' parameters are stacked on a leading 'layers' axis
+(built from the same per-layer initialisation, so a seed gives the same numbers either way;
+`stack_layers`/`unstack_layers` convert parameter dicts) and `jax.lax.scan` runs one compiled
+block num_layers times: less generated code and compile time, the same results.
+Rematerialisation (`remat`, a key of `REMAT_POLICIES`): each block runs under `jax.checkpoint`
+with that policy, unrolled or scanned, so the backward pass recomputes what was not saved.
+
 KV cache (decoding): `Decoder.prefill(tokens_BxL, lengths_B, max_len)` runs a right-padded batch
 of prompts once and returns the next-token logits after each prompt plus a `KVCache` of `max_len`
 slots; `Decoder.decode_step(tokens_B, cache)` appends one token per row and returns the logits for
@@ -44,8 +59,8 @@ a row's length (padding, stale values) are never read. Keys are cached after RoP
 Extension points: `Attention.__call__` takes positions and an explicit boolean mask built from
 token indices (not `is_causal`, which assumes square, aligned query/key blocks); the cache path
 `Attention.cached` reuses the same projections with a mask over cache slots. Blocks are identical
-modules with a (x, positions, mask) -> x interface, ready for `nnx.scan` over stacked layers
-(`nnx.PARTITION_NAME: 'layers'` adds the stacked axis to the names) and for `nnx.remat`.
+modules with a (x, positions, mask) -> x interface, run by `Decoder._run_blocks` (split/merge
+around `jax.checkpoint` and `jax.lax.scan`).
 """
 
 from __future__ import annotations
@@ -58,10 +73,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pausejax import sharding
 from pausejax.errors import UsageError
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
+# model.remat -> what a block keeps for the backward pass (jax.checkpoint policy; None: no remat).
+# 'full' keeps only the block's input; 'minimal' also keeps the outputs of the matmuls with the
+# weights (their dot_generals have no batch dimension), recomputing attention scores, softmax and
+# elementwise ops; 'dots_saveable' keeps every matmul output, attention scores included.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+}
 _POSITIVE_INTS = ('num_layers', 'd_model', 'num_heads', 'head_dim', 'mlp_dim')
+# Logical names of the activation constraints (see ModelConfig.constrain).
+_ACTIVATION_AXES = ('batch', 'length', 'activation_embed', 'heads', 'kv', 'mlp', 'vocab')
 
 
 def _to_dtype(name: str, value: Any) -> jnp.dtype:
@@ -98,6 +126,13 @@ class ModelConfig:
   norm_eps: float = 1e-6
   max_len: int | None = None  # Longest sequence accepted (None: no limit; RoPE has none).
   attention: str = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn' (GPU).
+  scan_layers: bool = False  # Blocks stacked on a leading 'layers' axis and run by lax.scan.
+  remat: str = 'none'  # A key of REMAT_POLICIES: what each block saves for the backward pass.
+  # Activation sharding: with a mesh (of more than one device), the residual stream, queries,
+  # keys, values, MLP hidden activations and logits are constrained to these logical axis rules
+  # (a tuple of (logical name, mesh axes) pairs, e.g. config.logical_axis_rules). None: no-op.
+  mesh: jax.sharding.Mesh | None = None
+  logical_axis_rules: tuple | None = None
 
   def __post_init__(self):
     if not _is_positive_int(self.vocab_size):
@@ -125,13 +160,43 @@ class ModelConfig:
     if self.attention == 'cudnn' and self.dtype == jnp.float32:
       raise UsageError.setting('model.attention', self.attention,
                                "'xla' with model.dtype=float32; cudnn needs bfloat16 or float16")
+    if not isinstance(self.scan_layers, bool):
+      raise UsageError.setting('model.scan_layers', self.scan_layers, 'True or False')
+    if not isinstance(self.remat, str) or self.remat not in REMAT_POLICIES:
+      raise UsageError.setting('model.remat', self.remat,
+                               f"one of {', '.join(map(repr, REMAT_POLICIES))}")
+    if self.mesh is not None:
+      if self.logical_axis_rules is None:
+        raise UsageError.setting('logical_axis_rules', None, 'rules are needed with a mesh')
+      # Hashable (the config is static in jit): a tuple of (name, target) tuples.
+      rules = tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t)
+                    for name, t in self.logical_axis_rules)
+      # UsageError now, not when tracing, for a bad rule or an activation name without one.
+      sharding.logical_to_mesh(_ACTIVATION_AXES, sharding.rules_dict(rules))
+      object.__setattr__(self, 'logical_axis_rules', rules)
+
+  def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """`x` constrained to the mesh axes its logical `names` map to; no-op without a mesh.
+
+    Parameters and the batch are placed by the caller; without these constraints XLA's sharding
+    propagation may keep some activations of fsdp-sharded matmuls whole-batch on every chip.
+    """
+    if self.mesh is None or self.mesh.size == 1:
+      return x
+    spec = sharding.logical_to_mesh(names, sharding.rules_dict(self.logical_axis_rules))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
 
   @classmethod
-  def from_config(cls, cfg_model: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """Reads the `model.*` section of a run config; optional keys fall back to the defaults."""
-    kwargs = {}
+  def from_config(cls, cfg_model: ml_collections.ConfigDict, vocab_size: int,
+                  mesh: jax.sharding.Mesh | None = None, rules=None) -> ModelConfig:
+    """Reads the `model.*` section of a run config; optional keys fall back to the defaults.
+
+    `mesh` and `rules` (the config's `logical_axis_rules`) turn on the activation sharding
+    constraints; a model built without them runs anywhere, unconstrained.
+    """
+    kwargs = {'mesh': mesh, 'logical_axis_rules': rules}
     for field in dataclasses.fields(cls):
-      if field.name == 'vocab_size':
+      if field.name in ('vocab_size', 'mesh', 'logical_axis_rules'):
         continue
       if field.name in cfg_model:
         kwargs[field.name] = cfg_model[field.name]
@@ -163,14 +228,21 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> 
   return out.astype(x_BxLxHxK.dtype)
 
 
-def attention_mask(length: int, segment_ids_BxL: jax.Array | None) -> jax.Array:
-  """Boolean mask (True = may attend): causal, and within one segment when packed."""
+def attention_mask(length: int, segment_ids_BxL: jax.Array | None,
+                   prefix_BxL: jax.Array | None = None) -> jax.Array:
+  """Boolean mask (True = may attend): causal, and within one segment when packed.
+
+  `prefix_BxL` (seqio's `decoder_causal_attention`, nonzero on the prompt of a prefix-LM
+  example) makes the prompt bidirectional: its positions also see each other's future.
+  """
   index_L = jnp.arange(length)
-  causal_LxL = index_L[:, None] >= index_L[None, :]
-  if segment_ids_BxL is None:
-    return causal_LxL[None, None]
-  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return (causal_LxL[None] & same_BxLxL)[:, None]  # Bx1xLxL: one mask for all heads.
+  mask_BxLxL = (index_L[:, None] >= index_L[None, :])[None]
+  if prefix_BxL is not None:
+    prefix_BxL = prefix_BxL.astype(bool)
+    mask_BxLxL = mask_BxLxL | (prefix_BxL[:, :, None] & prefix_BxL[:, None, :])
+  if segment_ids_BxL is not None:
+    mask_BxLxL = mask_BxLxL & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
+  return mask_BxLxL[:, None]  # Bx1xLxL: one mask for all heads.
 
 
 class RMSNorm(nnx.Module):
@@ -205,6 +277,9 @@ class Attention(nnx.Module):
     q_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.query[...].astype(dtype))
     k_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.key[...].astype(dtype))
     v_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.value[...].astype(dtype))
+    names = ('batch', 'length', 'heads', 'kv')
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+        self.cfg.constrain(a, names) for a in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
     q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.cfg.rope_theta)
     k_BxLxHxK = apply_rope(k_BxLxHxK, positions_BxL, self.cfg.rope_theta)
     return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
@@ -220,24 +295,34 @@ class Attention(nnx.Module):
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._project(x_BxLxD, positions_BxL)
     return self._attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
 
-  def cached(self, x_BxLxD, start_B, keys_BxSxHxK, values_BxSxHxK):
+  def cached(self, x_BxLxD, start_B, keys, values, layer: jax.Array | None = None):
     """Attention of L new tokens per row over the cache; returns (output, keys, values).
 
     Row b's new tokens take positions, and cache slots, start_B[b] + [0, L); each attends to
     every slot up to its own position. The caller keeps start_B + L <= S (a write past the end
-    would be clamped onto the last slots).
+    would be clamped onto the last slots). `keys` and `values` are this layer's BxSxHxK cache,
+    or with `layer` (an int32 index) the NxBxSxHxK cache of all N layers, written in place at
+    `layer` (so a scan over layers carries the cache instead of copying it every step).
     """
-    length, slots = x_BxLxD.shape[1], keys_BxSxHxK.shape[1]
+    length, slots = x_BxLxD.shape[1], keys.shape[-3]
     positions_BxL = start_B[:, None] + jnp.arange(length)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._project(x_BxLxD, positions_BxL)
     # Per-row write offset: vmap turns the slice update into a scatter.
-    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
-        cache, new.astype(cache.dtype), start, axis=0))
-    keys_BxSxHxK = write(keys_BxSxHxK, k_BxLxHxK, start_B)
-    values_BxSxHxK = write(values_BxSxHxK, v_BxLxHxK, start_B)
+    if layer is None:
+      write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
+          cache, new.astype(cache.dtype), start, axis=0))
+    else:  # Row b of the NxBxSxHxK cache is NxSxHxK; write at (layer, start).
+      write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice(
+          cache, new[None].astype(cache.dtype), (layer, start, 0, 0)), in_axes=(1, 0, 0),
+                       out_axes=1)
+    keys, values = write(keys, k_BxLxHxK, start_B), write(values, v_BxLxHxK, start_B)
+    keys_BxSxHxK, values_BxSxHxK = keys, values
+    if layer is not None:
+      keys_BxSxHxK = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
+      values_BxSxHxK = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
     mask_Bx1xLxS = (jnp.arange(slots)[None, None, :] <= positions_BxL[:, :, None])[:, None]
     out_BxLxD = self._attend(q_BxLxHxK, keys_BxSxHxK, values_BxSxHxK, mask_Bx1xLxS)
-    return out_BxLxD, keys_BxSxHxK, values_BxSxHxK
+    return out_BxLxD, keys, values
 
 
 class Mlp(nnx.Module):
@@ -255,29 +340,63 @@ class Mlp(nnx.Module):
     dtype = self.cfg.dtype
     gate_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.gate[...].astype(dtype))
     up_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.up[...].astype(dtype))
+    gate_BxLxF = self.cfg.constrain(gate_BxLxF, ('batch', 'length', 'mlp'))
+    up_BxLxF = self.cfg.constrain(up_BxLxF, ('batch', 'length', 'mlp'))
     h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     return jnp.einsum('blf,fd->bld', h_BxLxF, self.down[...].astype(dtype))
+
+
+# The residual stream's logical axes. Its model dimension is 'activation_embed', not 'embed': the
+# parameters' embed axis is sharded over fsdp, the activations' is not (they split by batch).
+RESIDUAL = ('batch', 'length', 'activation_embed')
 
 
 class Block(nnx.Module):
   """Pre-norm transformer block."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
     self.attn_norm = RMSNorm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = Mlp(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL) -> jax.Array:
+    x_BxLxD = self.cfg.constrain(x_BxLxD, RESIDUAL)
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
+    x_BxLxD = self.cfg.constrain(x_BxLxD, RESIDUAL)
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
-  def cached(self, x_BxLxD, start_B, keys_BxSxHxK, values_BxSxHxK):
+  def cached(self, x_BxLxD, start_B, keys, values, layer: jax.Array | None = None):
     """`__call__` over new tokens with a KV cache (see `Attention.cached`)."""
-    attn_BxLxD, keys_BxSxHxK, values_BxSxHxK = self.attn.cached(
-        self.attn_norm(x_BxLxD), start_B, keys_BxSxHxK, values_BxSxHxK)
+    attn_BxLxD, keys, values = self.attn.cached(self.attn_norm(x_BxLxD), start_B, keys, values,
+                                                layer)
     x_BxLxD = x_BxLxD + attn_BxLxD
-    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), keys_BxSxHxK, values_BxSxHxK
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), keys, values
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+  """One Block holding the parameters of `blocks` stacked on a leading 'layers' axis.
+
+  Built from the same per-layer initialisation as the unrolled model, so a seed gives the same
+  parameters whether or not the layers are scanned.
+  """
+  graphdef, _ = nnx.split(blocks[0])
+  state = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in blocks))
+  for _, param in nnx.to_flat_state(state):
+    param.set_metadata(out_sharding=('layers', *param.get_metadata()['out_sharding']))
+  return nnx.merge(graphdef, state)
+
+
+def _block_apply(graphdef, remat: str, in_scan: bool):
+  """(block state, x, positions, mask) -> x, under the `remat` checkpoint policy."""
+  def apply(state, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    return nnx.merge(graphdef, state)(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+  if remat == 'none':
+    return apply
+  # Unrolled, the recomputation needs guarding against XLA merging it with the forward pass; in a
+  # scan the loop boundary already prevents that, and the guard would only cost speed.
+  return jax.checkpoint(apply, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
 
 
 @jax.tree_util.register_dataclass
@@ -287,8 +406,9 @@ class KVCache:
 
   Row b holds lengths_B[b] tokens, at positions (= slots) 0 .. lengths_B[b] - 1.
   """
-  keys: tuple[jax.Array, ...]    # One BxSxHxK array per layer, after RoPE.
-  values: tuple[jax.Array, ...]  # One BxSxHxK array per layer.
+  # One BxSxHxK array per layer (keys after RoPE); with scan_layers one NxBxSxHxK array.
+  keys: tuple[jax.Array, ...] | jax.Array
+  values: tuple[jax.Array, ...] | jax.Array
   lengths_B: jax.Array           # int32.
 
 
@@ -299,25 +419,44 @@ class Decoder(nnx.Module):
     self.cfg = cfg
     d, v, pd = cfg.d_model, cfg.vocab_size, cfg.param_dtype
     self.embed = _param(_kernel(rngs, (v, d), 1, 0, pd), ('vocab', 'embed'))  # VxD.
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+    self.blocks = _stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg)
     self.unembed = None if cfg.tied_embeddings else _param(  # DxV.
         _kernel(rngs, (d, v), 0, 1, pd), ('embed', 'vocab'))
 
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
-               positions_BxL: jax.Array | None = None) -> jax.Array:
+               positions_BxL: jax.Array | None = None,
+               prefix_BxL: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     batch, length = tokens_BxL.shape
     if cfg.max_len is not None and length > cfg.max_len:
       raise ValueError(f'sequence length {length} exceeds max_len {cfg.max_len}')
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    mask_Bx1xLxL = None if segment_ids_BxL is None else attention_mask(length, segment_ids_BxL)
+    mask_Bx1xLxL = None  # Plain causal: fused attention kernels need no mask array.
+    if segment_ids_BxL is not None or prefix_BxL is not None:
+      mask_Bx1xLxL = attention_mask(length, segment_ids_BxL, prefix_BxL)
 
     x_BxLxD = self._embed(tokens_BxL)
-    for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+    x_BxLxD = self._run_blocks(x_BxLxD, positions_BxL, mask_Bx1xLxL)
     return self._logits(x_BxLxD)
+
+  def _run_blocks(self, x_BxLxD, positions_BxL, mask_Bx1xLxL) -> jax.Array:
+    """The blocks in order: unrolled, or one lax.scan step per layer; each under cfg.remat."""
+    if self.cfg.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      apply = _block_apply(graphdef, self.cfg.remat, in_scan=True)
+      body = lambda x_BxLxD, layer: (apply(layer, x_BxLxD, positions_BxL, mask_Bx1xLxL), None)
+      return jax.lax.scan(body, x_BxLxD, state)[0]
+    for block in self.blocks:
+      if self.cfg.remat == 'none':
+        x_BxLxD = block(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+      else:
+        graphdef, state = nnx.split(block)
+        apply = _block_apply(graphdef, self.cfg.remat, in_scan=False)
+        x_BxLxD = apply(state, x_BxLxD, positions_BxL, mask_Bx1xLxL)
+    return x_BxLxD
 
   def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
@@ -325,13 +464,15 @@ class Decoder(nnx.Module):
   def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
     """Final norm and output projection."""
     dtype = self.cfg.dtype
-    x_BxLxD = self.final_norm(x_BxLxD)
+    x_BxLxD = self.final_norm(self.cfg.constrain(x_BxLxD, RESIDUAL))
     # Accumulate logits in float32: they feed the softmax cross-entropy.
     if self.unembed is None:
-      return jnp.einsum('bld,vd->blv', x_BxLxD, self.embed[...].astype(dtype),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum('bld,dv->blv', x_BxLxD, self.unembed[...].astype(dtype),
-                      preferred_element_type=jnp.float32)
+      logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, self.embed[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+    else:
+      logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, self.unembed[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+    return self.cfg.constrain(logits_BxLxV, ('batch', 'length', 'vocab'))
 
   # --- KV-cache decoding ----------------------------------------------------------------------
 
@@ -341,12 +482,26 @@ class Decoder(nnx.Module):
     if cfg.max_len is not None and max_len > cfg.max_len:
       raise ValueError(f'cache length {max_len} exceeds max_len {cfg.max_len}')
     shape = (batch_size, max_len, cfg.num_heads, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+    if cfg.scan_layers:
+      zeros = lambda: jnp.zeros((cfg.num_layers, *shape), cfg.dtype)
+    else:
+      zeros = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
     return KVCache(keys=zeros(), values=zeros(), lengths_B=jnp.zeros((batch_size,), jnp.int32))
 
   def _extend(self, tokens_BxL: jax.Array, cache: KVCache):
     """Runs L new tokens per row after each row's cached ones: (hidden BxLxD, filled cache)."""
     x_BxLxD = self._embed(tokens_BxL)
+    if self.cfg.scan_layers:  # The whole cache is carried and written in place, layer by layer.
+      graphdef, state = nnx.split(self.blocks)
+
+      def body(carry, layer):
+        x_BxLxD, keys, values = carry
+        block = nnx.merge(graphdef, layer[0])
+        return block.cached(x_BxLxD, cache.lengths_B, keys, values, layer[1]), None
+
+      (x_BxLxD, keys, values), _ = jax.lax.scan(
+          body, (x_BxLxD, cache.keys, cache.values), (state, jnp.arange(self.cfg.num_layers)))
+      return x_BxLxD, KVCache(keys, values, cache.lengths_B)
     keys, values = [], []
     for block, k_BxSxHxK, v_BxSxHxK in zip(self.blocks, cache.keys, cache.values):
       x_BxLxD, k_BxSxHxK, v_BxSxHxK = block.cached(x_BxLxD, cache.lengths_B, k_BxSxHxK, v_BxSxHxK)
@@ -371,6 +526,25 @@ class Decoder(nnx.Module):
     x_Bx1xD, cache = self._extend(tokens_B[:, None], cache)
     cache = dataclasses.replace(cache, lengths_B=cache.lengths_B + 1)
     return self._logits(x_Bx1xD)[:, 0], cache
+
+
+def stack_layers(params: dict) -> dict:
+  """Pure-dict parameters of an unrolled model -> those of the same model with scan_layers.
+
+  `params['blocks']` maps layer index -> block parameters; the result holds one block whose
+  arrays have a leading layer axis. Converts a checkpoint's `params` between the two layouts.
+  """
+  blocks = params['blocks']
+  layers = [blocks[i] for i in sorted(blocks)]
+  return {**params, 'blocks': jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of `stack_layers`: scan_layers parameters -> unrolled ones."""
+  blocks = params['blocks']
+  num_layers = jax.tree.leaves(blocks)[0].shape[0]
+  return {**params,
+          'blocks': {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(num_layers)}}
 
 
 def count_params(cfg: ModelConfig) -> int:

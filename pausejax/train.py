@@ -119,8 +119,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   shard_plan = data_lib.plan(config, batch_sharding)
 
   # 4. Model: parameters are created directly with their shardings, never whole on one host.
+  # With the mesh and rules the model constrains its activations (split by batch, not by fsdp).
   model_cfg = model_lib.ModelConfig.from_config(
-      config.model, specials.padded_vocab_size(data.vocabulary.vocab_size))
+      config.model, specials.padded_vocab_size(data.vocabulary.vocab_size), mesh=mesh,
+      rules=config.logical_axis_rules)
   graphdef, abstract_params = step_lib.abstract_model(model_cfg)
   param_specs = step_lib.param_logical_specs(abstract_params)
   param_shardings = sharding.named_shardings(param_specs, mesh, rules)

@@ -54,7 +54,8 @@ def test_tiny_config_compiles_for_v5e_and_reports_consistent_numbers():
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "v5e:2x2 = 4 x TPU v5 lite chips" in out
-  assert "mesh data=4 fsdp=1 tensor=1" in out  # configs/tiny.py: mesh.data=-1.
+  # configs/tiny.py: mesh.data=-1 (and a DCN axis of 1 where the mesh has one).
+  assert re.search(r"\| mesh (dcn_data=1 )?data=4 fsdp=1 tensor=1$", out, re.M), out
   cfg = tiny_model_config()
   assert f"vocab {cfg.vocab_size} rows (base {BASE_VOCAB}" in out
 
@@ -129,10 +130,30 @@ def test_config_too_large_for_the_chip_exits_2_with_suggestions():
   assert needed and float(needed.group(1)) > 15.75, line
   assert "15.75 GiB usable" in line
   assert "--config.model.dtype=bfloat16" in line  # TINY computes in float32.
+  assert "--config.model.remat=full" in line and "--config.model.scan_layers=True" in line
   smaller = re.search(r"--config.global_batch_size=(\d+)", line)
   assert smaller and int(smaller.group(1)) < 512
   if has_microbatches():
     assert re.search(r"--config.microbatches=\d+ \(gradient accumulation", line), line
+
+
+def test_scanned_rematerialised_fsdp_step_compiles():
+  """model.scan_layers + model.remat on an fsdp mesh (the model constrains its activations)."""
+  result = run_aot("--topology=v5e:2x2", **{"model.num_layers": 2, "model.scan_layers": True,
+                                            "model.remat": "minimal", "mesh.data": 1,
+                                            "mesh.fsdp": -1})
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert re.search(r"\| mesh .*\bfsdp=4 tensor=1$", out, re.M), out
+  assert "| remat minimal | layers scanned" in out
+  # cost_analysis would count one of the scanned layers: no compiled figure, the analytic one.
+  assert re.search(r"FLOPs per step: n/a compiled \(model.scan_layers.*\| [\d.e+]+ analytic", out)
+  assert re.search(r"step time [\d.e+-]+ s", out)
+  # A remat setting the model does not know stops before compiling, naming the setting.
+  result = run_aot("--topology=v5e:2x2", **{"model.remat": "sometimes"})
+  assert result.returncode == 2
+  (line,) = error_lines(result.stderr)
+  assert line.startswith("error: model.remat='sometimes' is invalid"), line
 
 
 def has_microbatches() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -47,8 +48,17 @@ def test_cache_equals_no_cache_greedy(model, greedy):
   assert [len(r) for r in greedy.raw_tokens] == [REQUEST["max_new_tokens"]] * len(PROMPTS)
 
 
-def test_cache_logits_match_full_forward(model):
+@pytest.fixture(scope="module")
+def scanned_model(model):
+  """`model` with its layers stacked and scanned (model.scan_layers): the same parameters."""
+  params = model_lib.stack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return decode.model_from_params(dataclasses.replace(model.cfg, scan_layers=True), params)
+
+
+@pytest.mark.parametrize("which", ["model", "scanned_model"])
+def test_cache_logits_match_full_forward(which, request):
   """prefill + decode_step reproduce the full forward pass at every position, per row."""
+  model = request.getfixturevalue(which)
   tokens_BxL = np.asarray(jax.random.randint(jax.random.key(1), (2, 12), 0, V))
   full_BxLxV = nnx.jit(lambda m, t: m(t))(model, tokens_BxL)
   lengths = np.array([3, 7])
@@ -62,6 +72,14 @@ def test_cache_logits_match_full_forward(model):
     np.testing.assert_allclose(logits_BxV, full_BxLxV[rows, at], atol=1e-5, rtol=1e-5)
     logits_BxV, cache = decode_step(model, tokens_BxL[rows, at + 1], cache)
   np.testing.assert_array_equal(cache.lengths_B, lengths + 5)
+
+
+def test_scanned_layers_decode_the_same_tokens(model, scanned_model, greedy):
+  assert isinstance(scanned_model.init_cache(1, 4).keys, jax.Array)  # One NxBxSxHxK array.
+  assert decode.generate(scanned_model, PROMPTS, **REQUEST).raw_tokens == greedy.raw_tokens
+  sampled = _request(temperature=1.0, seed=3)
+  assert (decode.generate(scanned_model, PROMPTS, **sampled).raw_tokens
+          == decode.generate(model, PROMPTS, **sampled).raw_tokens)
 
 
 def test_pauses_are_appended_and_fed_to_the_model(model, greedy):

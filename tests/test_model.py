@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 from flax import nnx
 import jax
@@ -14,6 +19,8 @@ import pytest
 
 from pausejax import model as model_lib
 from pausejax.errors import UsageError
+
+from conftest import REPO
 
 B, L, V = 2, 16, 128
 
@@ -265,3 +272,244 @@ def test_config_is_hashable_and_frozen():
   assert hash(cfg) == hash(dataclasses.replace(cfg))
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.d_model = 64  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanned layers, rematerialisation, activation sharding.
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _with_params(cfg, params):
+  """A Decoder of `cfg` holding `params` (a pure dict)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Decoder(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def test_scanned_layers_compute_what_the_unrolled_layers_do():
+  unrolled = make_model(tied_embeddings=False)
+  scanned_cfg = tiny_config(tied_embeddings=False, scan_layers=True)
+  # Stacked from another seed's unrolled parameters, so the test does not rest on the init.
+  other = model_lib.Decoder(tiny_config(tied_embeddings=False), rngs=nnx.Rngs(7))
+  stacked = model_lib.stack_layers(_params(other))
+  assert stacked['blocks']['mlp']['down'].shape == (2, 64, 32)
+  scanned = _with_params(scanned_cfg, stacked)
+  tokens, segment_ids, positions = _packed_row()
+  for args in ((random_tokens(8),), (tokens, segment_ids, positions)):
+    np.testing.assert_allclose(scanned(*args), other(*args), atol=1e-5, rtol=1e-5)
+  assert np.abs(scanned(random_tokens(8)) - unrolled(random_tokens(8))).max() > 1e-3
+  # The same seed gives the same parameters in either layout, and the layouts convert back.
+  same_seed = _params(model_lib.Decoder(scanned_cfg, rngs=nnx.Rngs(0)))
+  jax.tree.map(np.testing.assert_array_equal, same_seed, model_lib.stack_layers(_params(unrolled)))
+  jax.tree.map(np.testing.assert_array_equal, model_lib.unstack_layers(stacked), _params(other))
+
+
+def test_scanned_parameters_have_a_layers_axis():
+  cfg = tiny_config(scan_layers=True)
+  specs = dict(nnx.to_flat_state(nnx.get_partition_spec(model_lib.abstract_state(cfg))))
+  assert tuple(specs[('blocks', 'attn', 'query')].get_value()) == ('layers', 'embed', 'heads', 'kv')
+  assert tuple(specs[('blocks', 'mlp_norm', 'scale')].get_value()) == ('layers', 'norm')
+  assert tuple(specs[('embed',)].get_value()) == ('vocab', 'embed')  # Outside the blocks.
+  assert model_lib.count_params(cfg) == sum(
+      np.prod(p.shape) for _, p in nnx.to_flat_state(model_lib.abstract_state(cfg)))
+  # The default rules replicate the layers axis: each device holds every layer's shard.
+  from pausejax import config as config_lib
+  from pausejax import sharding
+  rules = sharding.rules_dict(config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  assert sharding.logical_to_mesh(('layers', 'embed', 'mlp'), rules) == jax.P(None, 'fsdp',
+                                                                              'tensor')
+
+
+def _grads(cfg, params, tokens_BxL):
+  """Gradients of a loss that depends on every logit, for the model `cfg` holding `params`."""
+  graphdef, state = nnx.split(_with_params(cfg, params))
+
+  def loss(state):
+    logits_BxLxV = nnx.merge(graphdef, state)(tokens_BxL)
+    return jnp.mean(jax.nn.logsumexp(logits_BxLxV, axis=-1) - logits_BxLxV[..., 0])
+
+  return nnx.to_pure_dict(jax.jit(jax.grad(loss))(state))
+
+
+@pytest.mark.parametrize('scan, remats', [(False, ('full', 'dots_saveable')),
+                                           (True, ('minimal',))])
+def test_remat_gives_the_same_gradients(scan, remats):
+  params = _params(make_model())
+  if scan:
+    params = model_lib.stack_layers(params)
+  tokens_BxL = random_tokens(9)
+  reference = _grads(tiny_config(scan_layers=scan), params, tokens_BxL)
+  assert max(np.abs(g).max() for g in jax.tree.leaves(reference)) > 1e-3
+  for remat in remats:
+    grads = _grads(tiny_config(scan_layers=scan, remat=remat), params, tokens_BxL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6),
+                 grads, reference)
+
+
+def _temp_bytes(cfg) -> int:
+  """Temporaries of the compiled gradient of a sum of the logits, for a longer sequence."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Decoder(cfg, rngs=nnx.Rngs(0))))
+  tokens_BxL = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+  grad = jax.grad(lambda state, t: jnp.sum(nnx.merge(graphdef, state)(t)))
+  return jax.jit(grad).lower(state, tokens_BxL).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_remat_keeps_less_for_the_backward_pass(scan):
+  """The residuals that jax.vjp's backward function holds: what the forward pass saved."""
+  cfg = tiny_config(num_layers=4, scan_layers=scan)
+  tokens_BxL = random_tokens(12, (4, 128))
+
+  def saved_bytes(remat):
+    model = model_lib.Decoder(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    _, backward = jax.vjp(lambda s: nnx.merge(graphdef, s)(tokens_BxL), state)
+    return sum(x.nbytes for x in jax.tree.leaves(backward))
+
+  saved = {remat: saved_bytes(remat) for remat in model_lib.REMAT_POLICIES}
+  # 'full' keeps block inputs (4 x 128 x 32 floats per layer) where 'none' keeps every
+  # intermediate, attention probabilities included (4 x 4 x 128^2 floats per layer).
+  assert saved['full'] < 0.1 * saved['none']
+  assert saved['full'] < saved['minimal'] < saved['dots_saveable'] < saved['none']
+
+
+def test_remat_lowers_the_compiled_temporary_memory():
+  """Scanned layers: XLA's CPU scheduler runs an unrolled block's recomputation early (its
+  temporaries barely change; a TPU compile's do), so on CPU the scan shows the saving."""
+  cfg = tiny_config(num_layers=4, scan_layers=True)
+  none = _temp_bytes(cfg)
+  full = _temp_bytes(dataclasses.replace(cfg, remat='full'))
+  minimal = _temp_bytes(dataclasses.replace(cfg, remat='minimal'))
+  # Without remat every layer's attention probabilities (4 x 4 x 128^2 floats = 1 MiB per layer)
+  # stay live until the backward pass; with it, one layer's at a time.
+  assert full < 0.5 * none
+  assert full <= minimal < none
+
+
+def test_scan_and_remat_keep_bfloat16_compute_and_float32_params():
+  params = _params(make_model())
+  tokens_BxL = random_tokens(10)
+  unrolled = _with_params(tiny_config(dtype='bfloat16'), params)
+  scanned_cfg = tiny_config(dtype='bfloat16', scan_layers=True, remat='full')
+  scanned = _with_params(scanned_cfg, model_lib.stack_layers(params))
+  logits_BxLxV = scanned(tokens_BxL)
+  assert logits_BxLxV.dtype == jnp.float32
+  # Same bfloat16 computation: equal up to the rounding of a different fusion.
+  reference_BxLxV = unrolled(tokens_BxL)
+  assert np.abs(logits_BxLxV - reference_BxLxV).max() < 0.02 * np.abs(reference_BxLxV).max()
+  fp32_BxLxV = make_model()(tokens_BxL)
+  assert np.abs(logits_BxLxV - fp32_BxLxV).max() > 0  # Really bfloat16.
+  grads = _grads(scanned_cfg, model_lib.stack_layers(params), tokens_BxL)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_activation_constraints_are_a_no_op_on_one_device():
+  from pausejax import config as config_lib
+  from pausejax import sharding
+  mesh = sharding.make_mesh(config_lib.defaults().mesh, jax.devices()[:1])
+  cfg = tiny_config(mesh=mesh, logical_axis_rules=config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  model = _with_params(cfg, _params(make_model()))
+  tokens_BxL = random_tokens(11)
+  np.testing.assert_array_equal(model(tokens_BxL), make_model()(tokens_BxL))
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens_BxL)
+  assert 'sharding_constraint' not in str(jaxpr)
+
+
+def test_rules_must_cover_the_activation_axes():
+  from pausejax import config as config_lib
+  from pausejax import sharding
+  mesh = sharding.make_mesh(config_lib.defaults().mesh, jax.devices()[:1])
+  rules = [r for r in config_lib.DEFAULT_LOGICAL_AXIS_RULES if r[0] != 'activation_embed']
+  with pytest.raises(UsageError, match="logical_axis_rules.*'activation_embed'"):
+    tiny_config(mesh=mesh, logical_axis_rules=tuple(rules))
+
+
+def test_scan_and_remat_settings_from_config():
+  from pausejax import config as config_lib
+  assert set(config_lib.REMAT_CHOICES) == set(model_lib.REMAT_POLICIES)
+  c = config_lib.defaults()
+  assert c.model.scan_layers is False and c.model.remat == 'none'
+  c.model.scan_layers, c.model.remat = True, 'minimal'
+  config_lib.validate(c)
+  cfg = model_lib.ModelConfig.from_config(c.model, vocab_size=256)
+  assert cfg.scan_layers and cfg.remat == 'minimal' and cfg.mesh is None
+
+
+@pytest.mark.parametrize('overrides, setting', [
+    ({'remat': 'everything'}, 'model.remat'),
+    ({'remat': True}, 'model.remat'),
+    ({'remat': None}, 'model.remat'),
+    ({'scan_layers': 'yes'}, 'model.scan_layers'),
+    ({'scan_layers': 1}, 'model.scan_layers'),
+])
+def test_bad_scan_or_remat_raises_usage_error(overrides, setting):
+  with pytest.raises(UsageError, match=setting) as e:
+    tiny_config(**overrides)
+  assert '\n' not in str(e.value)
+  from pausejax import config as config_lib
+  c = config_lib.defaults()
+  # ConfigDict fields keep their type: a config file can still build a section with any value.
+  c.model = ml_collections.ConfigDict({**c.model.to_dict(), **overrides})
+  with pytest.raises(UsageError, match=setting):
+    config_lib.validate(c)
+
+
+_FSDP_ACTIVATIONS = textwrap.dedent("""
+    import json, re, sys
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from conftest import tiny_config
+    from pausejax import model as model_lib, sharding, step as step_lib
+    out = {}
+    for mesh_shape in ((1, 8, 1), (2, 2, 2)):
+      c = tiny_config("unused", **dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh_shape)))
+      mesh = sharding.make_mesh(c.mesh)
+      rules = sharding.rules_dict(c.logical_axis_rules)
+      batch = {k: jax.device_put(np.random.default_rng(0).integers(1, 256, (8, 64), np.int32),
+                                 sharding.batch_sharding(mesh, rules))
+               for k in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")}
+      for constrained in (False, True):
+        kwargs = dict(mesh=mesh, rules=c.logical_axis_rules) if constrained else {}
+        cfg = model_lib.ModelConfig.from_config(c.model, 256, **kwargs)
+        graphdef, abstract = step_lib.abstract_model(cfg)
+        shardings = sharding.named_shardings(step_lib.param_logical_specs(abstract), mesh, rules)
+        init = lambda: nnx.to_pure_dict(nnx.state(model_lib.Decoder(cfg, rngs=nnx.Rngs(0))))
+        params = jax.jit(init, out_shardings=shardings)()
+        loss = lambda p, b: step_lib.loss_terms(
+            step_lib.apply_model(graphdef, abstract, p, b), b)["nll_sum"]
+        grad = jax.jit(jax.value_and_grad(loss))
+        compiled = grad.lower(params, batch).compile()
+        value, grads = grad(params, batch)
+        # Whole-batch activations: [8 sequences, 64 positions, ...] on one device.
+        whole = sorted(set(re.findall(r"[fb]f?\\d+\\[8,64,\\d+(?:,\\d+)?\\]", compiled.as_text())))
+        out[f"{mesh_shape}/{constrained}"] = dict(
+            loss=float(value), grad_norm=float(jnp.sqrt(sum(jnp.sum(g * g) for g in
+                                                          jax.tree.leaves(grads)))),
+            temp=compiled.memory_analysis().temp_size_in_bytes, whole_batch=whole)
+    print(json.dumps(out))
+    """)
+
+
+@pytest.mark.slow
+def test_activation_constraints_split_activations_by_batch_on_eight_devices():
+  """An fsdp=8 mesh of simulated CPU devices (a subprocess): without the constraints XLA keeps
+  some activations whole-batch on every device; with them none is, and the numbers agree."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'JAX_PLATFORMS': 'cpu'}
+  r = subprocess.run([sys.executable, '-c', _FSDP_ACTIVATIONS], cwd=REPO, env=env,
+                     capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  fsdp, constrained = out['(1, 8, 1)/False'], out['(1, 8, 1)/True']
+  assert fsdp['whole_batch'], fsdp  # The problem the constraints solve is there without them.
+  assert constrained['whole_batch'] == []
+  assert constrained['temp'] < fsdp['temp']
+  for mesh_shape in ('(1, 8, 1)', '(2, 2, 2)'):
+    plain, constrained = out[f'{mesh_shape}/False'], out[f'{mesh_shape}/True']
+    assert constrained['loss'] == pytest.approx(plain['loss'], rel=1e-5)
+    assert constrained['grad_norm'] == pytest.approx(plain['grad_norm'], rel=1e-4)
+  assert out['(2, 2, 2)/True']['whole_batch'] == []
