@@ -18,7 +18,7 @@ It exits 2 with one line when the train step does not fit in HBM (with settings 
 topology is malformed. Topologies are GENERATION:CHIPS_PER_AXIS, named like Cloud TPU's
 `--topology`: v4:2x2x1 (v4-8), v5p:2x2x1 (v5p-8), v5p:4x4x4 (v5p-128), v5e:2x4 (v5e-8),
 v6e:2x2 (v6e-4). `--num_slices=N` compiles for N such slices joined over the data-centre network
-(DCN); the config's `mesh.data` axis then spans the slices and must be a multiple of N.
+(DCN); the mesh's `dcn_data` axis spans the slices (`mesh.dcn_data` is set to N unless given).
 
 Vocabulary: the embedding has `padded_vocab_size(base + 3 specials)` rows. `base` is read from
 `vocab_path` when it is a local file; for remote paths (gs://...) it is `--vocab_size`, whose
@@ -37,8 +37,7 @@ from typing import Any
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from pausejax import config as config_lib
@@ -121,22 +120,6 @@ def topology_devices(generation: str, axes: tuple[int, ...], num_slices: int = 1
                              f"{_TOPOLOGY_FORM}") from e
 
 
-def make_mesh(mesh_config, devices: list[Any], num_slices: int = 1) -> Mesh:
-  """The config's (data, fsdp, tensor) mesh over topology devices; data spans the slices."""
-  shape = sharding.mesh_shape(mesh_config, len(devices))
-  axis_types = (AxisType.Auto,) * len(sharding.MESH_AXES)
-  if num_slices == 1:  # Device order follows the ICI torus, as on the real slice.
-    return jax.make_mesh(shape, sharding.MESH_AXES, axis_types, devices=devices)
-  data, fsdp, tensor = shape
-  if data % num_slices:
-    raise UsageError.setting(
-        "mesh.data", data, f"must be a multiple of --num_slices={num_slices}: the data axis spans "
-        f"the slices over DCN (e.g. --config.mesh.data={num_slices} --config.mesh.fsdp=-1)")
-  grid = mesh_utils.create_hybrid_device_mesh(
-      (data // num_slices, fsdp, tensor), (num_slices, 1, 1), devices)
-  return Mesh(grid, sharding.MESH_AXES, axis_types=axis_types)
-
-
 def vocab_rows(config, assumed_base: int = 32000) -> tuple[int, int, str]:
   """(embedding rows, base vocabulary size, where the base size came from)."""
   from pausejax import data as data_lib
@@ -207,7 +190,7 @@ def _fit_suggestions(config, mesh: Mesh, batch_shards: int, num_slices: int, nee
   shard_state, cut_activations = [], []
   if mesh.shape["fsdp"] * mesh.shape["tensor"] < chips_per_slice and state_gib > 0.1 * needed_gib:
     shard_state.append(
-        f"--config.mesh.data={num_slices} --config.mesh.fsdp=-1 (shard parameters and optimizer "
+        f"--config.mesh.data=1 --config.mesh.fsdp=-1 (shard parameters and optimizer "
         f"state, {_size(state_gib * GiB)} per chip now, over the {chips_per_slice} chips of a "
         "slice)")
   # (Pure data parallelism is no remedy: the model constrains its activations to split by batch
@@ -277,6 +260,11 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   chip = CHIPS[generation]
   devices = topology_devices(generation, axes, num_slices)
 
+  # Several slices: the DCN data axis spans them (--num_slices=N implies mesh.dcn_data=N).
+  if num_slices > 1 and config.mesh.dcn_data == 1:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.mesh.dcn_data = num_slices
   # Mesh, model, optimizer and state exactly as train.train_and_evaluate builds them.
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_dict(config.logical_axis_rules)
@@ -403,7 +391,7 @@ def define_flags() -> None:
       "topology", None, "TPU slice to compile for: GENERATION:CHIPS_PER_AXIS, e.g. v5p:2x2x1, "
       "v5e:2x4, v4:2x2x1, v6e:2x2 (v4/v5p: 3 axes, v5e/v6e: 2).")
   flags.DEFINE_integer(
-      "num_slices", 1, "Number of such slices joined over DCN; mesh.data spans them.")
+      "num_slices", 1, "Number of such slices joined over DCN; sets mesh.dcn_data=N.")
   flags.DEFINE_float(
       "mfu", 0.4, "Model FLOPs utilization in (0, 1] assumed for the predicted step time and "
       "tokens/s.")

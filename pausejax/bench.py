@@ -47,7 +47,8 @@ def bench_train(config, vocab_size: int, pause_id: int, steps: int) -> dict[str,
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_dict(config.logical_axis_rules)
   padded = -(-vocab_size // 128) * 128  # As specials.padded_vocab_size, without importing TF.
-  model_cfg = model_lib.ModelConfig.from_config(config.model, padded)
+  model_cfg = model_lib.ModelConfig.from_config(config.model, padded, mesh=mesh,
+                                                rules=config.logical_axis_rules)
   graphdef, abstract_params = step_lib.abstract_model(model_cfg)
   specs = step_lib.param_logical_specs(abstract_params)
   tx, schedule = step_lib.make_optimizer(config.optimizer, max(config.num_train_steps, 1), specs)

@@ -192,10 +192,14 @@ def test_two_slices_put_the_data_axis_over_dcn():
   result = run_aot("--topology=v5e:2x2", "--num_slices=2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "v5e:2x2 x 2 slices = 8 x TPU v5 lite chips" in result.stdout
-  assert "mesh data=8 fsdp=1 tensor=1" in result.stdout
-  # An fsdp-only mesh cannot span two slices.
+  assert "mesh dcn_data=2 data=4 fsdp=1 tensor=1" in result.stdout
+  # FSDP inside each slice, data parallel across them.
   result = run_aot("--topology=v5e:2x2", "--num_slices=2",
                    **{"mesh.data": 1, "mesh.fsdp": -1})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh dcn_data=2 data=1 fsdp=4 tensor=1" in result.stdout
+  # A DCN axis that is not the number of slices.
+  result = run_aot("--topology=v5e:2x2", "--num_slices=2", **{"mesh.dcn_data": 4})
   assert result.returncode == 2
   (line,) = error_lines(result.stderr)
-  assert "mesh.data=1 is invalid" in line and "--num_slices=2" in line
+  assert "mesh.dcn_data=4 is invalid" in line
