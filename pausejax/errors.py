@@ -6,8 +6,10 @@ Every command-line entry point runs through `run`, so a bad setting anywhere pri
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import tempfile
 from typing import Any, Callable
 
 from absl import app
@@ -23,6 +25,28 @@ class UsageError(Exception):
   @classmethod
   def setting(cls, name: str, value: Any, valid: str) -> "UsageError":
     return cls(f"{name}={value!r} is invalid: {valid}")
+
+
+def check_writable_dir(path: str, setting: str) -> str:
+  """The absolute `path`; UsageError naming `setting` unless it is, or can become, a writable
+  directory. Creates nothing (object-store paths like gs:// are left to the first write)."""
+  if "://" in path:
+    return path
+  absolute = os.path.abspath(path)
+  if os.path.exists(absolute) and not os.path.isdir(absolute):
+    raise UsageError.setting(setting, path, "exists and is not a directory")
+  probe = absolute
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UsageError.setting(setting, path, f"{probe} is a file, not a directory")
+  try:  # os.access says yes to root even on read-only mounts: really try (and leave nothing).
+    with tempfile.TemporaryFile(dir=probe):
+      pass
+  except OSError as e:
+    raise UsageError.setting(setting, path,
+                             f"cannot write in {probe} ({e.strerror}); choose a writable path")
+  return absolute
 
 
 def _one_line(text: str) -> str:

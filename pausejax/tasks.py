@@ -22,9 +22,8 @@ import functools
 import gzip
 import json
 import re
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
-from absl import logging
 import seqio
 import tensorflow as tf
 

@@ -13,10 +13,8 @@ Outputs in --workdir: metrics.jsonl, TensorBoard events, checkpoints/, loss.png,
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import tempfile
 import time
 from typing import Any
 
@@ -36,6 +34,7 @@ from pausejax import sharding
 from pausejax import specials
 from pausejax import step as step_lib
 from pausejax.errors import UsageError
+from pausejax.errors import check_writable_dir
 from pausejax.errors import run
 
 PyTree = Any
@@ -58,26 +57,6 @@ def _global_batch(batch, batch_sharding) -> dict[str, jax.Array]:
   """This process's rows of the batch (numpy or tf) -> one global array per feature."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in batch.items()}
-
-
-def _check_workdir(workdir: str) -> None:
-  """Fails before anything is written if the workdir cannot be created or written."""
-  if "://" in workdir:
-    return  # Object stores (gs://) are checked by the first write.
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UsageError.setting("workdir", workdir, "exists and is not a directory")
-  probe = path
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise UsageError.setting("workdir", workdir, f"{probe} is a file, not a directory")
-  try:  # os.access says yes to root even on read-only mounts: really try (and leave nothing).
-    with tempfile.TemporaryFile(dir=probe):
-      pass
-  except OSError as e:
-    raise UsageError.setting("workdir", workdir,
-                             f"cannot write in {probe} ({e.strerror}); choose a writable path")
 
 
 class _Preemption:
@@ -106,7 +85,7 @@ class _Preemption:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # 1. Config: every bad value fails here, before anything is written.
   config_lib.validate(config)
-  _check_workdir(workdir)
+  check_writable_dir(workdir, "workdir")
 
   # 2. Mesh.
   mesh = sharding.make_mesh(config.mesh)

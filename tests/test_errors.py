@@ -84,8 +84,8 @@ def test_missing_vocab_file(tfds_dir, tmp_path):
 
 
 def test_c4_not_prepared(tmp_path):
-  msg = _expect_error(tiny_config(str(tmp_path / "empty_tfds"), task="c4_pause"), tmp_path / "w",
-                      "c4/en:3.1.0", "not prepared", "tfds build")
+  _expect_error(tiny_config(str(tmp_path / "empty_tfds"), task="c4_pause"), tmp_path / "w",
+                "c4/en:3.1.0", "not prepared", "tfds build")
   assert not os.path.exists(tmp_path / "empty_tfds" / "c4")
 
 

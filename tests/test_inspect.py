@@ -1,7 +1,6 @@
 """`python -m pausejax.inspect_data`: the JSON schema and the readable view."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,7 +1,6 @@
 """Pause insertion (PausePT) and the pause loss mask."""
 
 import numpy as np
-import pytest
 import seqio
 from scipy import stats
 import tensorflow as tf

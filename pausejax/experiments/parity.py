@@ -54,6 +54,7 @@ from absl import flags
 import numpy as np
 
 from pausejax.errors import UsageError
+from pausejax.errors import check_writable_dir
 from pausejax.errors import run
 
 BIT_IDS = (0, 1)
@@ -423,21 +424,7 @@ def check_outdir(outdir: str | None) -> str:
   """The absolute outdir; UsageError (and nothing created) if it cannot be written."""
   if not outdir:
     raise UsageError.setting("--outdir", outdir, "give a directory for the results")
-  path = os.path.abspath(outdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UsageError.setting("--outdir", outdir, "exists and is not a directory")
-  probe = path
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise UsageError.setting("--outdir", outdir, f"{probe} is a file, not a directory")
-  try:  # os.access says yes to root even on read-only mounts: really try (and leave nothing).
-    with tempfile.TemporaryFile(dir=probe):
-      pass
-  except OSError as e:
-    raise UsageError.setting("--outdir", outdir,
-                             f"cannot write in {probe} ({e.strerror}); choose a writable path")
-  return path
+  return check_writable_dir(outdir, "--outdir")
 
 
 def _int_list(name: str, text: str, minimum: int) -> tuple[int, ...]:
