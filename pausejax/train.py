@@ -183,6 +183,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       m.update({
           "step_time": dt,
           "tokens_per_sec": total / dt,
+          "tokens_per_sec_per_device": total / dt / jax.device_count(),
           "real_tokens_per_sec": real / dt,
           "mfu": metrics.mfu(flops_per_step, dt, jax.device_count(), peak),
       })

@@ -51,6 +51,9 @@ def test_training_loss_falls_and_outputs_exist(tfds_dir, tmp_path):
   for key in ("learning_rate", "grad_norm", "pause_fraction", "tokens_per_sec",
               "real_tokens_per_sec", "mfu"):
     assert all(key in l for l in lines if "train_loss" in l), key
+  for l in lines:
+    if "train_loss" in l:  # One CPU device here: per-device throughput is the total.
+      assert l["tokens_per_sec_per_device"] == pytest.approx(l["tokens_per_sec"])
   # About rate * L / (L + rate * L) of the input positions are pauses.
   fractions = [l["pause_fraction"] for l in lines if "pause_fraction" in l]
   assert 0.05 < sum(fractions) / len(fractions) < 0.12
