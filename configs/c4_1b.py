@@ -33,4 +33,7 @@ def get_config():
   c.optimizer.weight_decay = 0.1
   c.mesh.data = 1
   c.mesh.fsdp = -1
+  # Fits v5p-128 at 25 GiB per chip (docs/aot.md); on v5p-8 use remat="full", microbatches=2.
+  c.model.scan_layers = True
+  c.model.remat = "minimal"
   return c
