@@ -42,11 +42,10 @@ _BASE_VOCAB = flags.DEFINE_integer(
 NUM_SPECIALS = 3  # <pause>, <sink>, <backspace>: pausejax.specials.
 
 
-def bench_train(config, vocab_size: int, pause_id: int, steps: int) -> dict[str, float]:
+def bench_train(config, padded_vocab: int, pause_id: int, steps: int) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_dict(config.logical_axis_rules)
-  padded = -(-vocab_size // 128) * 128  # As specials.padded_vocab_size, without importing TF.
-  model_cfg = model_lib.ModelConfig.from_config(config.model, padded, mesh=mesh,
+  model_cfg = model_lib.ModelConfig.from_config(config.model, padded_vocab, mesh=mesh,
                                                 rules=config.logical_axis_rules)
   graphdef, abstract_params = step_lib.abstract_model(model_cfg)
   specs = step_lib.param_logical_specs(abstract_params)
@@ -120,10 +119,10 @@ def main(argv):
   results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
              "config": {"seq_len": config.seq_len, "global_batch_size": config.global_batch_size,
                         "pause_rate": config.pause.rate, "task": config.task}}
-  results.update(bench_train(config, vocab_size, pause_id, _TRAIN_STEPS.value))
+  padded = -(-vocab_size // 128) * 128  # As specials.padded_vocab_size, without importing TF.
+  results.update(bench_train(config, padded, pause_id, _TRAIN_STEPS.value))
   if _DECODE.value:
     from pausejax import decode
-    padded = -(-vocab_size // 128) * 128
     results.update(decode.benchmark(model_lib.ModelConfig.from_config(config.model, padded),
                                     pause_id=pause_id))
   if _PIPELINE.value:

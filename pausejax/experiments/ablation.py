@@ -126,10 +126,15 @@ def _train(config, workdir: str) -> None:
   train.train_and_evaluate(config, workdir)
 
 
-def _exact_match(config, workdir: str, m_inf: int, examples: int) -> float:
+_MODELS: dict[str, Any] = {}  # workdir -> (vocabulary, model): each run is loaded once.
+
+
+def _trained_model(workdir: str, config):
+  """(vocabulary, model) of a finished run, loaded once however many M_inf it is scored at."""
+  if workdir in _MODELS:
+    return _MODELS[workdir]
   from pausejax import data as data_lib
   from pausejax import decode
-  from pausejax import evaluate
   from pausejax import generate
   from pausejax import model as model_lib
   from pausejax import specials
@@ -137,7 +142,13 @@ def _exact_match(config, workdir: str, m_inf: int, examples: int) -> float:
   model_cfg = model_lib.ModelConfig.from_config(
       config.model, specials.padded_vocab_size(vocabulary.vocab_size))
   params, _ = generate.load_checkpoint(config, generate.checkpoint_dir(workdir), model_cfg)
-  model = decode.model_from_params(model_cfg, params)
+  _MODELS[workdir] = vocabulary, decode.model_from_params(model_cfg, params)
+  return _MODELS[workdir]
+
+
+def _exact_match(config, workdir: str, m_inf: int, examples: int) -> float:
+  from pausejax import evaluate
+  vocabulary, model = _trained_model(workdir, config)
   result = evaluate.evaluate(
       model, FINETUNE_TASK, vocabulary, num_pauses=m_inf, max_len=16 + 2 * m_inf + TARGETS_LEN + 2,
       max_examples=examples, tfds_data_dir=config.tfds_data_dir or None)
