@@ -133,23 +133,28 @@ def _decode_loop(advance: Callable, model_state: Any, logits_BxV: jax.Array, key
   return jax.lax.while_loop(cond, body, carry)[-1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler"))
+_STATIC = ("graphdef", "max_new_tokens", "sampler", "prefix_lm")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_cached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_size, *,
-                     max_new_tokens: int, sampler: Sampler) -> jax.Array:
+                     max_new_tokens: int, sampler: Sampler, prefix_lm: bool) -> jax.Array:
   model = nnx.merge(graphdef, state)
-  logits_BxV, cache = model.prefill(inputs_BxS, lengths_B, inputs_BxS.shape[1])
+  logits_BxV, cache = model.prefill(inputs_BxS, lengths_B, inputs_BxS.shape[1], prefix_lm)
   return _decode_loop(model.decode_step, cache, logits_BxV, key, eos_id, vocab_size,
                       max_new_tokens, sampler)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_uncached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_size, *,
-                       max_new_tokens: int, sampler: Sampler) -> jax.Array:
+                       max_new_tokens: int, sampler: Sampler, prefix_lm: bool) -> jax.Array:
   model = nnx.merge(graphdef, state)
   rows_B = jnp.arange(inputs_BxS.shape[0])
+  # The prompt (prefix) is what each row held before decoding: it keeps its two-way mask.
+  prefix_BxS = (jnp.arange(inputs_BxS.shape[1]) < lengths_B[:, None]) if prefix_lm else None
 
   def logits_after(inputs_BxS, lengths_B):  # The full forward pass, every step.
-    return model(inputs_BxS)[rows_B, lengths_B - 1]
+    return model(inputs_BxS, prefix_BxL=prefix_BxS)[rows_B, lengths_B - 1]
 
   def advance(tokens_B, prefix):
     inputs_BxS, lengths_B = prefix
@@ -208,7 +213,7 @@ def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
 
 
 def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, temperature,
-         top_k, top_p, seed, max_len, vocab_size) -> Generation:
+         top_k, top_p, seed, max_len, vocab_size, prefix_lm) -> Generation:
   sampler = Sampler(temperature, top_k, top_p)
   rows, inputs_BxS, lengths_B = prepare_inputs(
       model.cfg, prompts, max_new_tokens=max_new_tokens, num_pauses=num_pauses, pause_id=pause_id,
@@ -219,7 +224,7 @@ def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, 
   graphdef, state = nnx.split(model)
   out_BxN = loop(graphdef, state, inputs_BxS, lengths_B, jax.random.key(seed),
                  np.int32(eos), np.int32(vocab_size or model.cfg.vocab_size),
-                 max_new_tokens=max_new_tokens, sampler=sampler)
+                 max_new_tokens=max_new_tokens, sampler=sampler, prefix_lm=bool(prefix_lm))
   tokens, raw_tokens, stopped = [], [], []
   for row in np.asarray(out_BxN).tolist():
     raw = row[:row.index(_NOT_GENERATED)] if _NOT_GENERATED in row else row
@@ -232,7 +237,7 @@ def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, 
 def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              num_pauses: int, pause_id: int, eos_id: int | None, max_len: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             vocab_size: int | None = None) -> Generation:
+             vocab_size: int | None = None, prefix_lm: bool = False) -> Generation:
   """Decodes a batch of prompts (token-id lists) with a KV cache.
 
   Args:
@@ -244,24 +249,28 @@ def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_
     max_len: cache slots per row; needs len(prompt) + num_pauses + max_new_tokens <= max_len.
     temperature, top_k, top_p, seed: see `Sampler`; temperature 0 is greedy.
     vocab_size: ids >= vocab_size are never sampled (None: every embedding row may be).
+    prefix_lm: the prompt and its pauses attend to each other both ways (a model fine-tuned
+      with `prefix_lm=True`); generated tokens stay causal.
 
   Raises:
     UsageError: a bad setting, or a prompt that does not fit in max_len.
   """
   return _run(_generate_cached, model, prompts, max_new_tokens=max_new_tokens,
               num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
-              top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size)
+              top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size,
+              prefix_lm=prefix_lm)
 
 
 def generate_without_cache(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *,
                            max_new_tokens: int, num_pauses: int, pause_id: int,
                            eos_id: int | None, max_len: int, temperature: float = 0.0,
                            top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                           vocab_size: int | None = None) -> Generation:
+                           vocab_size: int | None = None, prefix_lm: bool = False) -> Generation:
   """`generate` without a cache: the full model over the [B, max_len] buffer at every step."""
   return _run(_generate_uncached, model, prompts, max_new_tokens=max_new_tokens,
               num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
-              top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size)
+              top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size,
+              prefix_lm=prefix_lm)
 
 
 def model_from_params(model_cfg: model_lib.ModelConfig, params: Any) -> model_lib.Decoder:

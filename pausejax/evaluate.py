@@ -9,7 +9,8 @@ runs `seqio.Evaluator` with:
 
   generative tasks       greedy pause-aware decoding (`pausejax.decode.generate`): the prompt is
                          BOS + inputs + M_inf `<pause>`s, the answer is what follows the last
-                         pause, up to EOS or `--max_new_tokens`;
+                         pause, up to EOS or `--max_new_tokens` (with the config's
+                         `prefix_lm`, BOS + inputs + pauses attend to each other both ways);
   multiple choice        each option scored by its log-likelihood after BOS + inputs + pauses;
   last word (LAMBADA)    whether every token of the last word is the greedy choice.
 
@@ -61,7 +62,7 @@ class Settings:
   """How to evaluate; `from_config` fills it from a run config."""
   num_pauses: int = 0              # M_inf.
   pause_position: str = "append"   # Where fine-tuning put the pauses: after or before the inputs.
-  prefix_lm: bool = False          # Fine-tuned with a bidirectional prefix (scored tasks only).
+  prefix_lm: bool = False          # Fine-tuned with a bidirectional prefix (config.prefix_lm).
   max_len: int = 256               # Positions per row: BOS + inputs + pauses + answer.
   max_new_tokens: int = 0          # Generation budget (0: the longest target, EOS included).
   max_examples: int = 0            # First N examples of the split (0: all).
@@ -149,10 +150,6 @@ class TaskEvaluation:
     self._bos = vocabulary.pad_id  # What seqio's converters feed at position 0.
     metric_fns = downstream.resolve_metrics(settings.metrics or recipe.metric_fns, recipe.kind)
     self.generative = recipe.kind == "generative"
-    if self.generative and settings.prefix_lm:
-      raise UsageError.setting(
-          "prefix_lm", True, "False for generative tasks: the KV-cache decoder is causal only "
-          "(multiple-choice and last-word tasks are scored with the prefix-LM mask)")
     recipe.ensure_prepared(settings.tfds_data_dir)
     self._name = f"{recipe.name}#evaluate"
     task = recipe.build(vocabulary, mode="eval", tfds_data_dir=settings.tfds_data_dir,
@@ -214,7 +211,7 @@ class TaskEvaluation:
           model, prompts, max_new_tokens=self.max_new_tokens,
           num_pauses=s.num_pauses if append else 0, pause_id=self.vocabulary.pause_id,
           eos_id=self.vocabulary.eos_id, max_len=s.max_len,
-          vocab_size=self.vocabulary.vocab_size)
+          vocab_size=self.vocabulary.vocab_size, prefix_lm=s.prefix_lm)
       for e, tokens in zip(batch, gen.tokens):
         self._predictions[e.index] = tokens
         out.append((e.index, tokens + [0] * (self.max_new_tokens - len(tokens))))

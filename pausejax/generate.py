@@ -115,7 +115,8 @@ def main(argv):
 
   model = decode.model_from_params(model_cfg, load_params(config, directory, model_cfg))
   out = decode.generate(model, prompts, eos_id=vocabulary.eos_id, temperature=f.temperature,
-                        top_k=f.top_k, top_p=f.top_p, seed=f.seed, **request)
+                        top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+                        prefix_lm=bool(config.get("prefix_lm", False)), **request)
   if jax.process_index() == 0:
     for text, answer in zip(f.prompt, out.tokens):
       print(f"prompt: {text}")

@@ -295,11 +295,13 @@ class Attention(nnx.Module):
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._project(x_BxLxD, positions_BxL)
     return self._attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
 
-  def cached(self, x_BxLxD, start_B, keys, values, layer: jax.Array | None = None):
+  def cached(self, x_BxLxD, start_B, keys, values, layer: jax.Array | None = None,
+             prefix_B: jax.Array | None = None):
     """Attention of L new tokens per row over the cache; returns (output, keys, values).
 
     Row b's new tokens take positions, and cache slots, start_B[b] + [0, L); each attends to
-    every slot up to its own position. The caller keeps start_B + L <= S (a write past the end
+    every slot up to its own position, and with `prefix_B` (prefix-LM prefill) a position
+    below prefix_B[b] also to every slot below prefix_B[b]. The caller keeps start_B + L <= S (a write past the end
     would be clamped onto the last slots). `keys` and `values` are this layer's BxSxHxK cache,
     or with `layer` (an int32 index) the NxBxSxHxK cache of all N layers, written in place at
     `layer` (so a scan over layers carries the cache instead of copying it every step).
@@ -320,7 +322,12 @@ class Attention(nnx.Module):
     if layer is not None:
       keys_BxSxHxK = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
       values_BxSxHxK = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
-    mask_Bx1xLxS = (jnp.arange(slots)[None, None, :] <= positions_BxL[:, :, None])[:, None]
+    slots_S = jnp.arange(slots)
+    mask_BxLxS = slots_S[None, None, :] <= positions_BxL[:, :, None]
+    if prefix_B is not None:
+      mask_BxLxS |= ((slots_S[None, None, :] < prefix_B[:, None, None])
+                     & (positions_BxL[:, :, None] < prefix_B[:, None, None]))
+    mask_Bx1xLxS = mask_BxLxS[:, None]
     out_BxLxD = self._attend(q_BxLxHxK, keys_BxSxHxK, values_BxSxHxK, mask_Bx1xLxS)
     return out_BxLxD, keys, values
 
@@ -367,10 +374,11 @@ class Block(nnx.Module):
     x_BxLxD = self.cfg.constrain(x_BxLxD, RESIDUAL)
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
-  def cached(self, x_BxLxD, start_B, keys, values, layer: jax.Array | None = None):
+  def cached(self, x_BxLxD, start_B, keys, values, layer: jax.Array | None = None,
+             prefix_B: jax.Array | None = None):
     """`__call__` over new tokens with a KV cache (see `Attention.cached`)."""
     attn_BxLxD, keys, values = self.attn.cached(self.attn_norm(x_BxLxD), start_B, keys, values,
-                                                layer)
+                                                layer, prefix_B)
     x_BxLxD = x_BxLxD + attn_BxLxD
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), keys, values
 
@@ -488,7 +496,7 @@ class Decoder(nnx.Module):
       zeros = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
     return KVCache(keys=zeros(), values=zeros(), lengths_B=jnp.zeros((batch_size,), jnp.int32))
 
-  def _extend(self, tokens_BxL: jax.Array, cache: KVCache):
+  def _extend(self, tokens_BxL: jax.Array, cache: KVCache, prefix_B: jax.Array | None = None):
     """Runs L new tokens per row after each row's cached ones: (hidden BxLxD, filled cache)."""
     x_BxLxD = self._embed(tokens_BxL)
     if self.cfg.scan_layers:  # The whole cache is carried and written in place, layer by layer.
@@ -497,26 +505,31 @@ class Decoder(nnx.Module):
       def body(carry, layer):
         x_BxLxD, keys, values = carry
         block = nnx.merge(graphdef, layer[0])
-        return block.cached(x_BxLxD, cache.lengths_B, keys, values, layer[1]), None
+        return block.cached(x_BxLxD, cache.lengths_B, keys, values, layer[1], prefix_B), None
 
       (x_BxLxD, keys, values), _ = jax.lax.scan(
           body, (x_BxLxD, cache.keys, cache.values), (state, jnp.arange(self.cfg.num_layers)))
       return x_BxLxD, KVCache(keys, values, cache.lengths_B)
     keys, values = [], []
     for block, k_BxSxHxK, v_BxSxHxK in zip(self.blocks, cache.keys, cache.values):
-      x_BxLxD, k_BxSxHxK, v_BxSxHxK = block.cached(x_BxLxD, cache.lengths_B, k_BxSxHxK, v_BxSxHxK)
+      x_BxLxD, k_BxSxHxK, v_BxSxHxK = block.cached(x_BxLxD, cache.lengths_B, k_BxSxHxK, v_BxSxHxK,
+                                                   prefix_B=prefix_B)
       keys.append(k_BxSxHxK)
       values.append(v_BxSxHxK)
     return x_BxLxD, KVCache(tuple(keys), tuple(values), cache.lengths_B)
 
-  def prefill(self, tokens_BxL: jax.Array, lengths_B: jax.Array, max_len: int):
+  def prefill(self, tokens_BxL: jax.Array, lengths_B: jax.Array, max_len: int,
+              prefix_lm: bool = False):
     """Runs right-padded prompts: (next-token logits BxV after each prompt, KVCache).
 
     Row b's prompt is tokens_BxL[b, :lengths_B[b]] (lengths >= 1, L <= max_len); the tokens
-    after it are ignored (they land in slots that the row's later tokens overwrite).
+    after it are ignored (they land in slots that the row's later tokens overwrite). With
+    `prefix_lm` the prompt attends to itself both ways, as seqio's `decoder_causal_attention`
+    does in prefix-LM training; the tokens decoded after it stay causal.
     """
     batch = tokens_BxL.shape[0]
-    x_BxLxD, cache = self._extend(tokens_BxL, self.init_cache(batch, max_len))
+    x_BxLxD, cache = self._extend(tokens_BxL, self.init_cache(batch, max_len),
+                                  lengths_B.astype(jnp.int32) if prefix_lm else None)
     last_Bx1xD = jnp.take_along_axis(x_BxLxD, (lengths_B - 1)[:, None, None], axis=1)
     cache = dataclasses.replace(cache, lengths_B=lengths_B.astype(jnp.int32))
     return self._logits(last_Bx1xD)[:, 0], cache

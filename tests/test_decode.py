@@ -74,6 +74,36 @@ def test_cache_logits_match_full_forward(which, request):
   np.testing.assert_array_equal(cache.lengths_B, lengths + 5)
 
 
+@pytest.mark.parametrize("which", ["model", "scanned_model"])
+def test_prefix_lm_cache_matches_full_forward_with_the_prefix_mask(which, request):
+  """prefill(prefix_lm=True) is the forward pass with the prompt attending both ways; the tokens
+  after it stay causal, as in seqio's prefix-LM training sequences."""
+  model = request.getfixturevalue(which)
+  tokens_BxL = np.asarray(jax.random.randint(jax.random.key(2), (2, 12), 0, V))
+  lengths = np.array([4, 6])
+  prefix_BxL = (np.arange(12) < lengths[:, None]).astype(np.int32)
+  full_BxLxV = nnx.jit(lambda m, t, p: m(t, prefix_BxL=p))(model, tokens_BxL, prefix_BxL)
+  causal_BxLxV = nnx.jit(lambda m, t: m(t))(model, tokens_BxL)
+  padded_BxL = np.where(prefix_BxL > 0, tokens_BxL, 0)
+  logits_BxV, cache = nnx.jit(lambda m, t, n: m.prefill(t, n, 16, prefix_lm=True))(
+      model, padded_BxL, lengths)
+  decode_step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+  rows = np.arange(2)
+  # The mask matters: at the prompt's end the two-way logits are not the causal ones.
+  assert np.abs(logits_BxV - causal_BxLxV[rows, lengths - 1]).max() > 1e-3
+  for step in range(5):
+    at = lengths + step - 1
+    np.testing.assert_allclose(logits_BxV, full_BxLxV[rows, at], atol=1e-5, rtol=1e-5)
+    logits_BxV, cache = decode_step(model, tokens_BxL[rows, at + 1], cache)
+
+
+def test_prefix_lm_generation_with_and_without_cache_agree(model, greedy):
+  cached = decode.generate(model, PROMPTS, **REQUEST, prefix_lm=True)
+  assert cached.raw_tokens == decode.generate_without_cache(
+      model, PROMPTS, **REQUEST, prefix_lm=True).raw_tokens
+  assert cached.raw_tokens != greedy.raw_tokens  # The two-way prompt changes what is decoded.
+
+
 def test_scanned_layers_decode_the_same_tokens(model, scanned_model, greedy):
   assert isinstance(scanned_model.init_cache(1, 4).keys, jax.Array)  # One NxBxSxHxK array.
   assert decode.generate(scanned_model, PROMPTS, **REQUEST).raw_tokens == greedy.raw_tokens

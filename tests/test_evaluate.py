@@ -219,15 +219,16 @@ def test_score_rows_match_reference(model, vocab, prefix_lm):
     assert got[1] == len(example.targets) and got[2] == float(greedy)
 
 
-def test_generative_predictions_are_pause_aware_decodes(model, vocab):
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_generative_predictions_are_pause_aware_decodes(model, vocab, prefix_lm):
   recipe = _fixture_task("generative")
   result = evaluate.evaluate(model, "fixture_generative", vocab, num_pauses=4, max_len=48,
-                             max_new_tokens=5, batch_size=2)
+                             max_new_tokens=5, batch_size=2, prefix_lm=prefix_lm)
   rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "generative.jsonl"))]
   prompts = [[0] + vocab.encode(r["inputs"]) for r in rows]
   gen = decode.generate(model, prompts, max_new_tokens=5, num_pauses=4,
                         pause_id=vocab.pause_id, eos_id=vocab.eos_id, max_len=48,
-                        vocab_size=vocab.vocab_size)
+                        vocab_size=vocab.vocab_size, prefix_lm=prefix_lm)
   predictions = [vocab.decode(t) for t in gen.tokens]
   targets = [r["targets"] for r in rows]
   assert [s["prediction"] for s in result["samples"]] == predictions
@@ -250,7 +251,6 @@ def test_metrics_can_be_chosen(model, vocab):
     (dict(metrics=("bleu",)), "metrics='bleu' is invalid"),
     (dict(max_len=12, max_new_tokens=4), "max_len=12 is too small for example 0"),
     (dict(pause_position="middle"), "pause.position='middle' is invalid"),
-    (dict(prefix_lm=True), "prefix_lm=True is invalid"),
 ])
 def test_bad_settings_are_usage_errors(vocab, settings, message):
   _fixture_task("generative")

@@ -23,21 +23,27 @@ def test_quick_mode_writes_the_tables_and_the_plot(tmp_path):
   proc = _run([f"--outdir={out}", "--quick", "--m_ft=2", "--m_ft_sweep=0,1,2"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((out / "results.json").read_text())
-  assert set(results["variants"]) == {"StdPT+StdFT", "StdPT+PauseFT", "PausePT+StdFT",
-                                      "PausePT+PauseFT"}
-  assert [v["m_ft"] for v in results["variants"].values()] == [0, 2, 0, 2]
+  assert list(results["variants"]) == ["NoPT+StdFT", "NoPT+PauseFT", "StdPT+StdFT",
+                                        "StdPT+PauseFT", "PausePT+StdFT", "PausePT+PauseFT"]
+  assert [v["m_ft"] for v in results["variants"].values()] == [0, 2, 0, 2, 0, 2]
   assert list(results["m_ft_sweep"]) == ["0", "1", "2"]
-  assert list(results["m_inf_robustness"]) == ["0", "1", "2", "3", "4"]
+  assert list(results["m_inf_robustness"]) == ["NoPT+PauseFT", "PausePT+PauseFT"]
+  for row in results["m_inf_robustness"].values():
+    assert list(row) == ["0", "1", "2", "3", "4"]
   for score in ([v["exact_match"] for v in results["variants"].values()]
                 + list(results["m_ft_sweep"].values())
-                + list(results["m_inf_robustness"].values())):
+                + [v for row in results["m_inf_robustness"].values() for v in row.values()]):
     assert 0.0 <= score <= 100.0  # Percentages.
   md = (out / "results.md").read_text()
   assert "| PausePT | PauseFT (M_ft=2) |" in md
+  assert "| none (random init) | StdFT (M_ft=0) |" in md
+  assert "| NoPT+PauseFT |" in md
   assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Every run is an ordinary workdir; the fine-tuned ones started from their pretrained model.
-  for run in ("StdPT", "PausePT", "StdPT_ft0", "StdPT_ft2", "PausePT_ft1"):
+  for run in ("StdPT", "PausePT", "StdPT_ft0", "StdPT_ft2", "PausePT_ft1", "NoPT_ft0"):
     assert (out / "runs" / run / "metrics.jsonl").exists(), run
+  # StdPT x {0, 2} and PausePT x {0, 1, 2} start from their checkpoint; NoPT x {0, 2} do not.
+  assert proc.stdout.count("Initialised parameters from") == 5, proc.stdout[-3000:]
   # A second invocation reuses the finished runs: no training line is written again.
   before = (out / "runs" / "PausePT_ft2" / "metrics.jsonl").read_text()
   proc = _run([f"--outdir={out}", "--quick", "--m_ft=2", "--m_ft_sweep=0,1,2"])

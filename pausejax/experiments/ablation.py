@@ -3,10 +3,12 @@ r"""StdPT/PausePT x StdFT/PauseFT at tiny scale, an M_ft sweep, and M_inf robust
     python -m pausejax.experiments.ablation --outdir=runs/ablation [--quick] [--m_ft=10] \
         [--pretrain_steps=...] [--finetune_steps=...] [--eval_examples=...]
 
-The four variants of Goyal et al. (2023), Table 1 / Figure 3, shrunk to a laptop:
+The four variants of Goyal et al. (2023), Table 1 / Figure 3, shrunk to a laptop, plus a control:
 
   pretraining   the embedded Shakespeare corpus, `configs/tiny.py` shapes; StdPT is pause.rate 0,
-                PausePT is pause.rate 0.1 (the paper's). Both from the same seed.
+                PausePT is pause.rate 0.1 (the paper's). Both from the same seed. NoPT (the
+                control) skips pretraining: fine-tuning starts from the random initialisation, so
+                the table shows whether pretraining helps at all at this scale.
   fine-tuning   `addition` (pausejax.downstream: "123+45=" -> "168"), a task that needs
                 computation between reading the prompt and answering; StdFT is M_ft = 0,
                 PauseFT is M_ft = --m_ft pauses after the prompt. Parameters from the pretrained
@@ -15,7 +17,8 @@ The four variants of Goyal et al. (2023), Table 1 / Figure 3, shrunk to a laptop
 
 Then, like the paper's Figures 4 and 5:
   * M_ft sweep: PausePT fine-tuned with each M_ft in `--m_ft_sweep`, evaluated with M_inf = M_ft.
-  * M_inf robustness: the PausePT+PauseFT model evaluated with M_inf in 0 .. 2 * M_ft.
+  * M_inf robustness: the NoPT+PauseFT and PausePT+PauseFT models evaluated with M_inf in
+    0 .. 2 * M_ft.
 
 Writes results.json, results.md (the tables) and ablation.png into --outdir; training runs go to
 --outdir/runs/<name>/ (each an ordinary pausejax workdir: metrics.jsonl, TensorBoard, loss.png).
@@ -51,9 +54,10 @@ def define_flags() -> None:
 
 # (full, quick) defaults.
 PRETRAIN_STEPS = (300, 6)
-FINETUNE_STEPS = (600, 6)
+FINETUNE_STEPS = (1500, 6)
 EVAL_EXAMPLES = (300, 8)
 FINETUNE_TASK = "addition"
+PRETRAINING_NAMES = {"NoPT": "none (random init)", "StdPT": "StdPT", "PausePT": "PausePT"}
 TARGETS_LEN = 8  # Up to 4 answer digits + EOS in the embedded tokenizer, with room to spare.
 
 
@@ -95,7 +99,7 @@ def finetune_config(quick: bool, seed: int, m_ft: int, steps: int, init_from: st
   c = _base_config(quick, seed)
   c.task = FINETUNE_TASK
   c.eval_task = ""
-  c.init_from = init_from
+  c.init_from = init_from  # "" for NoPT: the random initialisation of `seed`.
   c.pause.num_finetune = m_ft
   c.targets_len = TARGETS_LEN
   # Room for the longest prompt ("999+999=" is < 12 pieces) and the pauses.
@@ -162,7 +166,7 @@ def _plot(results: dict[str, Any], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   names = list(results["variants"])
   axes[0].bar(names, [results["variants"][n]["exact_match"] for n in names],
-              color=["#999999", "#6699cc", "#cc9966", "#cc3333"])
+              color=["#cccccc", "#888888", "#999999", "#6699cc", "#cc9966", "#cc3333"][-len(names):])
   axes[0].set_ylabel("exact match (%)")
   axes[0].set_title(f"{FINETUNE_TASK}: pretraining x fine-tuning")
   axes[0].tick_params(axis="x", rotation=20)
@@ -171,12 +175,12 @@ def _plot(results: dict[str, Any], path: str) -> None:
   axes[1].set_xlabel("M_ft (= M_inf)")
   axes[1].set_ylabel("exact match (%)")
   axes[1].set_title("PausePT: fine-tuning pauses")
-  robust = results["m_inf_robustness"]
-  axes[2].plot([int(m) for m in robust], list(robust.values()), "o-")
+  for name, robust in results["m_inf_robustness"].items():
+    axes[2].plot([int(m) for m in robust], list(robust.values()), "o-", label=name)
   axes[2].axvline(results["settings"]["m_ft"], color="gray", linestyle=":", label="M_ft")
   axes[2].set_xlabel("M_inf")
   axes[2].set_ylabel("exact match (%)")
-  axes[2].set_title("PausePT+PauseFT: inference pauses")
+  axes[2].set_title("PauseFT models: inference pauses")
   axes[2].legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -198,11 +202,13 @@ def _markdown(results: dict[str, Any]) -> str:
             "| --- |" + " --- |" * len(results["m_ft_sweep"]),
             "| exact match | " + " | ".join(f"{v:.1f}%"
                                            for v in results["m_ft_sweep"].values()) + " |",
-            "", f"M_inf robustness (PausePT + PauseFT with M_ft = {s['m_ft']}):", "",
-            "| M_inf | " + " | ".join(results["m_inf_robustness"]) + " |",
-            "| --- |" + " --- |" * len(results["m_inf_robustness"]),
-            "| exact match | " + " | ".join(f"{v:.1f}%"
-                                           for v in results["m_inf_robustness"].values()) + " |"]
+            "", f"M_inf robustness (PauseFT models, M_ft = {s['m_ft']}):", ""]
+  robust = results["m_inf_robustness"]
+  m_infs = list(next(iter(robust.values())))
+  lines += ["| model \\ M_inf | " + " | ".join(m_infs) + " |",
+            "| --- |" + " --- |" * len(m_infs)]
+  for name, row in robust.items():
+    lines.append(f"| {name} | " + " | ".join(f"{v:.1f}%" for v in row.values()) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -239,8 +245,9 @@ def main(argv):
   pre_cfgs = {name: pretrain_config(quick, seed, rate, pre_steps, tfds_dir)
               for name, rate in (("StdPT", 0.0), ("PausePT", 0.1))}
   ft_ms = sorted(set(sweep) | {0, m_ft})
-  ft_cfgs = {(pt, m): finetune_config(quick, seed, m, ft_steps, os.path.join(runs, pt), tfds_dir)
-             for pt in pre_cfgs for m in ft_ms if pt == "PausePT" or m in (0, m_ft)}
+  init_dirs = {"NoPT": "", **{pt: os.path.join(runs, pt) for pt in pre_cfgs}}
+  ft_cfgs = {(pt, m): finetune_config(quick, seed, m, ft_steps, init_dirs[pt], tfds_dir)
+             for pt in init_dirs for m in ft_ms if pt == "PausePT" or m in (0, m_ft)}
   for c in list(pre_cfgs.values()) + list(ft_cfgs.values()):
     config_lib.validate(c)
   corpus.ensure_prepared(corpus.EMBEDDED_TFDS_NAME, tfds_dir)
@@ -269,15 +276,16 @@ def main(argv):
 
   print("[ablation] evaluating", flush=True)
   variants = {}
-  for pt in pre_cfgs:
+  for pt in init_dirs:
     for ft, m in (("StdFT", 0), ("PauseFT", m_ft)):
-      variants[f"{pt}+{ft}"] = {"pretraining": pt, "finetuning": f"{ft} (M_ft={m})",
+      variants[f"{pt}+{ft}"] = {"pretraining": PRETRAINING_NAMES[pt], "finetuning": f"{ft} (M_ft={m})",
                                 "m_ft": m, "exact_match": score(pt, m, m)}
   sweep_scores = {str(m): (variants["PausePT+StdFT"]["exact_match"] if m == 0 else
                            variants["PausePT+PauseFT"]["exact_match"] if m == m_ft else
                            score("PausePT", m, m)) for m in sweep}
-  robust = {str(m_inf): score("PausePT", m_ft, m_inf)
-            for m_inf in sorted({0, m_ft // 2, m_ft, (3 * m_ft) // 2, 2 * m_ft})}
+  m_infs = sorted({0, m_ft // 2, m_ft, (3 * m_ft) // 2, 2 * m_ft})
+  robust = {f"{pt}+PauseFT": {str(m_inf): score(pt, m_ft, m_inf) for m_inf in m_infs}
+            for pt in ("NoPT", "PausePT")}
   results = {
       "settings": {"quick": quick, "seed": seed, "m_ft": m_ft, "pretrain_steps": pre_steps,
                    "finetune_steps": ft_steps, "eval_examples": examples, "task": FINETUNE_TASK},
