@@ -100,6 +100,7 @@ def test_odd_head_dim(tfds_dir, tmp_path):
   _expect_error(tiny_config(tfds_dir, **{"model.head_dim": 33}), tmp_path / "w", "model.head_dim")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_shape(tfds_dir, tmp_path):
   from pausejax import train
   train.train_and_evaluate(tiny_config(tfds_dir, num_train_steps=2, eval_every_steps=0,

@@ -70,6 +70,7 @@ def test_rate_zero_has_no_pauses(tfds_dir, tmp_path):
   assert all(l["pause_fraction"] == 0.0 for l in _read(tmp_path) if "pause_fraction" in l)
 
 
+@pytest.mark.slow
 def test_finished_run_rerun_is_a_no_op(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir, num_train_steps=4, eval_every_steps=0)
   _train(config, tmp_path)
@@ -97,6 +98,7 @@ def _wait_for_step(proc, workdir, step, timeout=300):
   raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_resume_after_kill_logs_the_same_losses(tfds_dir, tmp_path, reference_run):
   """kill -9 part-way, re-run the same command: every later loss equals the uninterrupted run's."""
   proc = _start(tmp_path, tfds_dir)
@@ -108,6 +110,7 @@ def test_resume_after_kill_logs_the_same_losses(tfds_dir, tmp_path, reference_ru
   assert _losses(_read(tmp_path)) == _losses(reference_run)  # Bitwise, on CPU.
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_resumes(tfds_dir, tmp_path, reference_run):
   proc = _start(tmp_path, tfds_dir)
   _wait_for_step(proc, tmp_path, 2)
