@@ -301,10 +301,11 @@ class Attention(nnx.Module):
 
     Row b's new tokens take positions, and cache slots, start_B[b] + [0, L); each attends to
     every slot up to its own position, and with `prefix_B` (prefix-LM prefill) a position
-    below prefix_B[b] also to every slot below prefix_B[b]. The caller keeps start_B + L <= S (a write past the end
-    would be clamped onto the last slots). `keys` and `values` are this layer's BxSxHxK cache,
-    or with `layer` (an int32 index) the NxBxSxHxK cache of all N layers, written in place at
-    `layer` (so a scan over layers carries the cache instead of copying it every step).
+    below prefix_B[b] also to every slot below prefix_B[b]. The caller keeps start_B + L <= S
+    (a write past the end would be clamped onto the last slots). `keys` and `values` are this
+    layer's BxSxHxK cache, or with `layer` (an int32 index) the NxBxSxHxK cache of all N layers,
+    written in place at `layer` (so a scan over layers carries the cache instead of copying it
+    every step).
     """
     length, slots = x_BxLxD.shape[1], keys.shape[-3]
     positions_BxL = start_B[:, None] + jnp.arange(length)

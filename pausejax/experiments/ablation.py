@@ -166,7 +166,7 @@ def _plot(results: dict[str, Any], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   names = list(results["variants"])
   axes[0].bar(names, [results["variants"][n]["exact_match"] for n in names],
-              color=["#cccccc", "#888888", "#999999", "#6699cc", "#cc9966", "#cc3333"][-len(names):])
+              color=["#cccccc", "#888888", "#999999", "#6699cc", "#cc9966", "#cc3333"])
   axes[0].set_ylabel("exact match (%)")
   axes[0].set_title(f"{FINETUNE_TASK}: pretraining x fine-tuning")
   axes[0].tick_params(axis="x", rotation=20)
@@ -278,8 +278,9 @@ def main(argv):
   variants = {}
   for pt in init_dirs:
     for ft, m in (("StdFT", 0), ("PauseFT", m_ft)):
-      variants[f"{pt}+{ft}"] = {"pretraining": PRETRAINING_NAMES[pt], "finetuning": f"{ft} (M_ft={m})",
-                                "m_ft": m, "exact_match": score(pt, m, m)}
+      variants[f"{pt}+{ft}"] = {"pretraining": PRETRAINING_NAMES[pt],
+                                "finetuning": f"{ft} (M_ft={m})", "m_ft": m,
+                                "exact_match": score(pt, m, m)}
   sweep_scores = {str(m): (variants["PausePT+StdFT"]["exact_match"] if m == 0 else
                            variants["PausePT+PauseFT"]["exact_match"] if m == m_ft else
                            score("PausePT", m, m)) for m in sweep}
