@@ -254,9 +254,9 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
   """Lowers and compiles `pausejax.train`'s train step for `topology`; raises UsageError."""
   generation, axes = check_args(topology, num_slices, mfu)
   config_lib.validate(config)
+  from pausejax import build
   from pausejax import metrics
   from pausejax import specials
-  from pausejax import step as step_lib
   chip = CHIPS[generation]
   devices = topology_devices(generation, axes, num_slices)
 
@@ -265,28 +265,13 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.mesh.dcn_data = num_slices
-  # Mesh, model, optimizer and state exactly as train.train_and_evaluate builds them.
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules_dict(config.logical_axis_rules)
-  sharding.check_batch_divisible(config.global_batch_size, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+  # Mesh, model, optimizer, state and train step exactly as pausejax.train builds them.
   rows, base, source = vocab_rows(config, assumed_vocab)
-  # With the mesh and rules the model constrains its activations (split by batch, not by fsdp).
-  model_cfg = model_lib.ModelConfig.from_config(config.model, rows, mesh=mesh,
-                                                rules=config.logical_axis_rules)
-  graphdef, abstract_params = step_lib.abstract_model(model_cfg)
-  param_specs = step_lib.param_logical_specs(abstract_params)
-  param_shardings = sharding.named_shardings(param_specs, mesh, rules)
-  tx, schedule = step_lib.make_optimizer(config.optimizer, config.num_train_steps, param_specs)
-  _, abstract_state, state_shardings = step_lib.make_state(model_cfg, tx, config.seed,
-                                                            param_shardings, mesh)
   pause_id = base + specials.SPECIAL_TOKENS.index(specials.PAUSE)
-  # Gradient accumulation, where the config has it, exactly as pausejax.train runs it.
-  accumulate = {"microbatches": config.microbatches} if "microbatches" in config else {}
-  train_step = jax.jit(step_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
-                                                 **accumulate),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, state_shardings["step"]), donate_argnums=0)
+  built = build.build(config, rows, pause_id, devices=devices)
+  mesh, rules, model_cfg = built.mesh, built.rules, built.model_cfg
+  abstract_state, batch_sharding = built.abstract_state, built.batch_sharding
+  train_step = built.train_step()
 
   batch_spec = sharding.logical_to_mesh(("batch",), rules)[0]
   batch_axes = batch_spec if isinstance(batch_spec, tuple) else (batch_spec,) if batch_spec else ()
@@ -335,13 +320,13 @@ def compile_train_step(config, topology: str, num_slices: int = 1, mfu: float = 
       remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
       global_batch_size=config.global_batch_size,
       seq_len=config.seq_len, batch_shards=batch_shards,
-      microbatches=accumulate.get("microbatches", 1), memory=memory,
+      microbatches=config.get("microbatches", 1), memory=memory,
       hbm_spec=chip.hbm_spec, usable_hbm_gib=chip.usable_hbm_gib,
       # cost_analysis counts one device's share of the SPMD program, and a loop body once: scale
       # by the microbatches (which also counts the optimizer update, a tiny part, that often).
       # A scan over layers would count one layer of N and no factor recovers the rest: not shown.
       flops_compiled=None if model_cfg.scan_layers else
-      float(cost["flops"]) * len(devices) * accumulate.get("microbatches", 1),
+      float(cost["flops"]) * len(devices) * config.get("microbatches", 1),
       flops_analytic=model_lib.flops_per_token(model_cfg, config.seq_len) * tokens,
       peak_name=peak[0], peak_per_chip=peak[1], mfu=mfu, lower_s=t1 - t0, compile_s=t2 - t1)
 

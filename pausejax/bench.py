@@ -19,12 +19,12 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from pausejax import build
 from pausejax import config as config_lib
 from pausejax import distributed
 from pausejax import metrics
 from pausejax import model as model_lib
 from pausejax import sharding
-from pausejax import step as step_lib
 from pausejax.errors import UsageError
 from pausejax.errors import run
 
@@ -43,26 +43,15 @@ NUM_SPECIALS = 3  # <pause>, <sink>, <backspace>: pausejax.specials.
 
 
 def bench_train(config, padded_vocab: int, pause_id: int, steps: int) -> dict[str, float]:
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_dict(config.logical_axis_rules)
-  model_cfg = model_lib.ModelConfig.from_config(config.model, padded_vocab, mesh=mesh,
-                                                rules=config.logical_axis_rules)
-  graphdef, abstract_params = step_lib.abstract_model(model_cfg)
-  specs = step_lib.param_logical_specs(abstract_params)
-  tx, schedule = step_lib.make_optimizer(config.optimizer, max(config.num_train_steps, 1), specs)
-  init_state, _, shardings = step_lib.make_state(
-      model_cfg, tx, config.seed, sharding.named_shardings(specs, mesh, rules), mesh)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  state = jax.jit(init_state, out_shardings=shardings)()
-  step_fn = jax.jit(step_lib.make_train_step(graphdef, abstract_params, tx, schedule, pause_id,
-                                             config.microbatches),
-                    in_shardings=(shardings, batch_sharding), donate_argnums=0)
+  run_ = build.build(config, padded_vocab, pause_id)
+  state = run_.init()
+  step_fn = run_.train_step()
   rng = np.random.default_rng(0)
   shape = (config.global_batch_size, config.seq_len)
   tokens = rng.integers(3, pause_id, size=shape, dtype=np.int32)
   batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, axis=1),
            "decoder_loss_weights": np.ones(shape, np.int32)}
-  batch = jax.device_put(batch, batch_sharding)
+  batch = jax.device_put(batch, run_.batch_sharding)
   for _ in range(2):  # Compile and warm up.
     state, m = step_fn(state, batch)
   jax.block_until_ready(m)
@@ -72,9 +61,9 @@ def bench_train(config, padded_vocab: int, pause_id: int, steps: int) -> dict[st
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / steps
   peak, source = metrics.peak_flops_per_device()
-  flops = model_lib.flops_per_token(model_cfg, config.seq_len) * shape[0] * shape[1]
+  flops = model_lib.flops_per_token(run_.model_cfg, config.seq_len) * shape[0] * shape[1]
   return {
-      "params": model_lib.count_params(model_cfg),
+      "params": model_lib.count_params(run_.model_cfg),
       "step_time_s": dt,
       "train_tokens_per_sec": shape[0] * shape[1] / dt,
       "train_tokens_per_sec_per_device": shape[0] * shape[1] / dt / jax.device_count(),
@@ -85,21 +74,24 @@ def bench_train(config, padded_vocab: int, pause_id: int, steps: int) -> dict[st
 
 
 def bench_pipeline(config, rate: float, batches: int) -> float:
-  """Tokens/s of the batched model features (all positions, pauses included)."""
+  """Tokens/s of the batched model features (all positions, pauses included), read as training
+  reads them: this process's data shards, joined into its rows of each global batch."""
   from pausejax import data as data_lib  # Only here: it loads TensorFlow and SeqIO.
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.pause.rate = rate
   data = data_lib.prepare(config)
-  it = iter(data_lib.dataset(data, config, train=True))
+  batch_sharding = sharding.batch_sharding(sharding.make_mesh(config.mesh),
+                                           sharding.rules_dict(config.logical_axis_rules))
+  it = data_lib.train_iterator(data, config, data_lib.plan(config, batch_sharding))
   for _ in range(5):
     next(it)
   t0 = time.perf_counter()
+  rows = 0
   for _ in range(batches):
-    batch = next(it)
-  batch["decoder_target_tokens"].numpy()
+    rows += len(next(it)["decoder_target_tokens"])
   dt = time.perf_counter() - t0
-  return batches * config.global_batch_size * config.seq_len / dt
+  return rows * config.seq_len / dt
 
 
 def main(argv):

@@ -186,8 +186,24 @@ def _as_path(directory: str | os.PathLike) -> epath.Path:
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
   """Whether `directory` holds at least one complete checkpoint. Creates nothing."""
+  return latest_step(directory) is not None
+
+
+def run_checkpoint_dir(workdir: str) -> str:
+  """`<workdir>/checkpoints`, which must hold a complete checkpoint (checked; creates nothing)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not has_checkpoint(directory):
+    raise UsageError.setting("--workdir", workdir,
+                             f"no complete checkpoint in {directory}; train first")
+  return directory
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The newest complete checkpoint's step in `directory`, or None. Creates nothing."""
   path = _as_path(directory)
-  return path.is_dir() and bool(ocp.utils.checkpoint_steps(path))
+  if not path.is_dir():
+    return None
+  return max(ocp.utils.checkpoint_steps(path), default=None)
 
 
 def _remove_unfinished_saves(directory: epath.Path) -> None:
@@ -274,6 +290,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     """Steps of all checkpoints, oldest first (as for `latest_step`; retention applied)."""
     return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Whether the save policy (every N steps, or a preemption) asks for a save at `step`."""
+    return self._manager.should_save(int(step))
 
   def save(self, step: int, state: Any, data_iterator: Any = None, *,
            force: bool = False) -> bool:
@@ -391,7 +411,7 @@ def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Parameters only, for fine-tuning (`init_from`).
 
-def _params_step_dir(path: str) -> epath.Path:
+def _params_step_dir(path: str, setting: str = "init_from") -> epath.Path:
   """The step directory that `init_from=path` names: a workdir, its checkpoints/, or one step."""
   root = _as_path(path)
   if (root / STATE).exists():
@@ -403,22 +423,29 @@ def _params_step_dir(path: str) -> epath.Path:
     latest = ocp.step.latest_step_metadata(root, ocp.step.standard_name_format())
   if latest is None:
     raise UsageError.setting(
-        "init_from", path, "a pretraining workdir, its checkpoints/ directory or one step "
-        "directory in it, holding a complete checkpoint")
+        setting, path, "a workdir, its checkpoints/ directory or one step directory in it, "
+        "holding a complete checkpoint")
   return latest.path
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
+def load_params(path: str, abstract_params: Any, *, setting: str = "init_from") -> Any:
   """The parameters of the checkpoint at `path` (see `_params_step_dir`), nothing else.
 
   `abstract_params` gives shapes, dtypes and target shardings; the optimizer state and data
-  position in the checkpoint are not read. A checkpoint of another shape raises UsageError.
+  position in the checkpoint are not read (a third of Adam's bytes). A checkpoint of another
+  shape raises UsageError naming `setting`.
   """
-  step_dir = _params_step_dir(path)
+  return load_params_and_step(path, abstract_params, setting=setting)[0]
+
+
+def load_params_and_step(path: str, abstract_params: Any, *,
+                         setting: str = "init_from") -> tuple[Any, int | None]:
+  """(parameters, step) of the checkpoint at `path`; see `load_params`."""
+  step_dir = _params_step_dir(path, setting)
   checkpointer = ocp.PyTreeCheckpointer()
   stored = checkpointer.metadata(step_dir / STATE).item_metadata.tree
   if not isinstance(stored, dict) or "params" not in stored:
-    raise UsageError.setting("init_from", path, f"a checkpoint with parameters ({step_dir} has none)")
+    raise UsageError.setting(setting, path, f"a checkpoint with parameters ({step_dir} has none)")
   have = _shapes_by_name(stored["params"])
   want = _shapes_by_name(abstract_params)
   for name in sorted(set(have) | set(want)):
@@ -426,10 +453,10 @@ def load_params(path: str, abstract_params: Any) -> Any:
       got = _describe(*have[name]) if name in have else "nothing"
       need = _describe(*want[name]) if name in want else "nothing"
       raise UsageError.setting(
-          "init_from", path, f"a checkpoint of this config's model: params.{name} is {got} there"
+          setting, path, f"a checkpoint of this config's model: params.{name} is {got} there"
           f" but {need} here (check model.* and vocab_path)")
   item = {"params": abstract_params}
   restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
       item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True))
-  return restored["params"]
+  return restored["params"], int(step_dir.name) if step_dir.name.isdigit() else None

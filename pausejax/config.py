@@ -8,6 +8,10 @@ anything is written.
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any
+
 import ml_collections
 
 from pausejax.errors import UsageError
@@ -31,6 +35,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 )
 # model.remat choices (pausejax.model.REMAT_POLICIES: what each block keeps for the backward pass).
 REMAT_CHOICES = ("none", "full", "minimal", "dots_saveable")
+NONFINITE_CHOICES = ("stop", "skip")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -68,6 +73,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.seed = 0
+  # A NaN/Inf loss or gradient norm: "stop" ends the run at that step (exit 1, nothing saved
+  # after the last good checkpoint); "skip" leaves that step's update out and goes on, loudly.
+  c.nonfinite = "stop"
   # Model.
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -182,3 +190,130 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"a divisor of global_batch_size={c.global_batch_size} (each shard gives equal rows)")
   _check(isinstance(c.get("debug_input_digests", False), bool), "debug_input_digests",
          c.get("debug_input_digests"), "True or False")
+  _check(c.get("nonfinite", "stop") in NONFINITE_CHOICES, "nonfinite", c.get("nonfinite"),
+         "'stop' (end the run at a NaN/Inf loss) or 'skip' (leave that update out)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's config, saved in its workdir (`config.json`) at the first start. A resumed run must
+# compute what the saved one did; `generate` and `evaluate` read the run's settings from it.
+
+CONFIG_FILENAME = "config.json"
+
+# Settings that change how a run is carried out, not what it computes (or only its length):
+# free to change when resuming, and not compared when a reader is given --config again.
+OPERATIONAL_KEYS = (
+    "num_train_steps", "log_every_steps", "eval_every_steps", "num_eval_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "debug_input_digests",
+    "tfds_data_dir", "init_from", "nonfinite", "microbatches", "mesh", "logical_axis_rules",
+    "model.remat", "model.attention",
+)
+
+
+def _is_operational(key: str) -> bool:
+  return any(key == k or key.startswith(k + ".") for k in OPERATIONAL_KEYS)
+
+
+def flatten(config) -> dict[str, Any]:
+  """{"model.d_model": 256, ...} with JSON values (tuples as lists), for saving and comparing."""
+  plain = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+      else json.loads(json.dumps(config))
+  out = {}
+
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(f"{prefix}{k}.", v)
+    else:
+      out[prefix[:-1]] = node
+  walk("", plain)
+  return out
+
+
+def save(config, workdir: str) -> str:
+  """Writes the resolved config to `<workdir>/config.json` (whole or not at all)."""
+  from pausejax import fs
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  fs.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  return path
+
+
+def load_saved(workdir: str) -> dict[str, Any] | None:
+  """The flattened saved config of the run in `workdir`, or None if it has none."""
+  from pausejax import fs
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  if not fs.exists(path):
+    return None
+  try:
+    return flatten(json.loads(fs.read_text(path)))
+  except ValueError as e:
+    raise UsageError(f"{path} is not a config saved by pausejax ({e}); move it away to "
+                     "use the --config given") from e
+
+
+def changes(saved: dict[str, Any], config) -> dict[str, tuple[Any, Any]]:
+  """{key: (saved value, value now)} for every key set in both that differs."""
+  now = flatten(config)
+  return {k: (saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]}
+
+
+def check_same_run(saved: dict[str, Any], config, workdir: str, *,
+                   reading: bool = False) -> list[str]:
+  """UsageError for the first changed setting that alters what the run computes.
+
+  Returns the changed operational settings as `key: old -> new` texts (to be printed). Keys in
+  only one of the two (a config from another pausejax version) are not compared.
+  """
+  changed = changes(saved, config)
+  for key, (old, new) in changed.items():
+    if not _is_operational(key):
+      use = ("leave out --config: the run's own settings are read from its config.json" if reading
+             else "use the saved value, or a fresh --workdir for a new run")
+      raise UsageError(
+          f"--config.{key}={new!r} differs from the run in {workdir}, which has {old!r} "
+          f"({CONFIG_FILENAME}); it changes what the run computes: {use}")
+  return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+
+
+def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A full config: the defaults, then every saved value (lists back to tuples)."""
+  def plain(v):
+    return tuple(plain(x) for x in v) if isinstance(v, list) else v
+  c = defaults()
+  for key, value in saved.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    try:
+      node[leaf] = plain(value)
+    except TypeError:  # Another type than the default's (e.g. a float where an int is usual).
+      del node[leaf]
+      node[leaf] = plain(value)
+  return c
+
+
+def for_reading(workdir: str, given: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir` for `generate` and `evaluate`.
+
+  Its saved config.json, unless a `--config` is given too; that one must then agree with it on
+  every setting that shapes the model or its data (a forgotten override must not score a run
+  with other settings than it was trained with). A run without config.json (written before
+  pausejax saved one) needs `--config`.
+  """
+  saved = load_saved(workdir)
+  if saved is None:
+    if given is None:
+      raise UsageError.setting("--config", None, f"{workdir} has no {CONFIG_FILENAME}; give the "
+                               "training config with the overrides it was trained with")
+    validate(given)
+    return given
+  if given is None:
+    config = from_saved(saved)
+  else:
+    check_same_run(saved, given, workdir, reading=True)
+    config = given
+  validate(config)
+  return config

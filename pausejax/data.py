@@ -119,31 +119,23 @@ def _prepare_finetuning(config, vocabulary, data_dir) -> Data:
   )
 
 
-def shard_info() -> seqio.ShardInfo:
-  """This process's share of the data: each host reads a disjoint shard."""
-  return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+def num_shards(config: ml_collections.ConfigDict) -> int:
+  """K: the shards the data is split into (`data_shards`; 0 = one per process)."""
+  return config.get("data_shards", 0) or jax.process_count()
 
 
-def per_process_batch_size(global_batch_size: int) -> int:
-  n = jax.process_count()
-  if global_batch_size % n:
-    raise UsageError.setting("global_batch_size", global_batch_size,
-                             f"must be divisible by the number of processes ({n})")
-  return global_batch_size // n
-
-
-def dataset(data: Data, config: ml_collections.ConfigDict, *, train: bool,
-            batch_size: int | None = None) -> tf.data.Dataset:
-  """Batched model features for this process (`decoder_*` int32 arrays of shape [B, seq_len]).
-
-  One shard per process; the training loop reads through `plan` and `train_iterator` instead.
-  """
-  return _shard_dataset(data, config, shard_info(), train=train,
-                        batch_size=batch_size or per_process_batch_size(config.global_batch_size))
+def shard_dataset(data: Data, config: ml_collections.ConfigDict, shard: int, *, train: bool,
+                  batch_size: int) -> tf.data.Dataset:
+  """Shard `shard` of `num_shards(config)`, batched: row block `shard` of the batches training
+  reads (what `inspect_data` and `bench` look at)."""
+  return _shard_dataset(data, config, seqio.ShardInfo(shard, num_shards(config)), train=train,
+                        batch_size=batch_size)
 
 
 def _shard_dataset(data: Data, config: ml_collections.ConfigDict, shard: seqio.ShardInfo, *,
                    train: bool, batch_size: int) -> tf.data.Dataset:
+  """One shard's batches. Training drops a last partial batch (it repeats forever anyway);
+  evaluation keeps it, so the whole split is scored (`EvalBatches` pads it)."""
   # Every shard uses the same seed: when seqio shards by example (fewer files than shards), the
   # shards are disjoint only if they all see the source in the same order.
   task = data.train_task if train else data.eval_task
@@ -160,7 +152,7 @@ def _shard_dataset(data: Data, config: ml_collections.ConfigDict, shard: seqio.S
       try_in_mem_cache=False,
   )
   ds = data.converter(ds, lengths)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=train)
   if not train and config.num_eval_steps:
     ds = ds.take(config.num_eval_steps)
   return ds.prefetch(tf.data.AUTOTUNE)
@@ -188,12 +180,12 @@ def plan(config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Shardin
   `data_shards` equal shards, or a process would need part of a shard.
   """
   batch = config.global_batch_size
-  num_shards = config.get("data_shards", 0) or jax.process_count()
-  if batch % num_shards:
+  k = num_shards(config)
+  if batch % k:
     raise UsageError.setting("global_batch_size", batch,
-                             f"must be divisible by the {num_shards} data shards (data_shards; "
+                             f"must be divisible by the {k} data shards (data_shards; "
                              "0 = one per process)")
-  per = batch // num_shards
+  per = batch // k
   rows = set()
   for index in batch_sharding.addressable_devices_indices_map((batch, config.seq_len)).values():
     rows.update(range(*index[0].indices(batch)))
@@ -204,7 +196,7 @@ def plan(config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Shardin
         "data_shards", config.get("data_shards", 0),
         f"a multiple of {groups}: the batch is split over {groups} groups of processes, and each "
         f"must read whole shards (this process holds {len(rows)} of the {batch} rows)")
-  return ShardPlan(num_shards, shards, per)
+  return ShardPlan(k, shards, per)
 
 
 def _digests(batch: dict[str, np.ndarray]) -> list[str]:
@@ -264,14 +256,49 @@ def train_iterator(data: Data, config: ml_collections.ConfigDict, shard_plan: Sh
   return ShardedIterator(iterators, shard_plan.num_shards, path)
 
 
+class EvalBatches:
+  """This process's rows of each eval batch (numpy): its shards of the held-out split, joined.
+
+  Every row block has `rows_per_shard` rows: a shard's last partial batch, and a shard that has
+  run out while another has not, are filled with all-zero rows, whose loss weight is 0. So an
+  uneven split is scored whole (`num_eval_steps=0`) and every batch has the compiled shape.
+  `zeros()` is a batch of such rows only: a process that has run out feeds it while others still
+  have batches (see `train.evaluate`). Iterating again starts a fresh pass.
+  """
+
+  def __init__(self, data: Data, config: ml_collections.ConfigDict, shard_plan: ShardPlan):
+    self._datasets = [
+        _shard_dataset(data, config, seqio.ShardInfo(s, shard_plan.num_shards), train=False,
+                       batch_size=shard_plan.rows_per_shard)
+        for s in shard_plan.shards]
+    self._rows = shard_plan.rows_per_shard
+    spec = self._datasets[0].element_spec
+    self._features = {k: (v.shape[1:], v.dtype.as_numpy_dtype) for k, v in spec.items()}
+
+  def _pad(self, part: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    out = {}
+    for k, (shape, dtype) in self._features.items():
+      block = np.zeros((self._rows, *shape), dtype)
+      if part is not None:
+        block[:len(part[k])] = part[k]
+      out[k] = block
+    return out
+
+  def zeros(self) -> dict[str, np.ndarray]:
+    blocks = [self._pad(None) for _ in self._datasets]
+    return {k: np.concatenate([b[k] for b in blocks]) for k in self._features}
+
+  def __iter__(self):
+    iterators = [ds.as_numpy_iterator() for ds in self._datasets]
+    while True:
+      parts = [next(it, None) for it in iterators]
+      if all(p is None for p in parts):
+        return
+      blocks = [self._pad(p) for p in parts]
+      yield {k: np.concatenate([b[k] for b in blocks]) for k in self._features}
+
+
 def eval_dataset(data: Data, config: ml_collections.ConfigDict,
-                 shard_plan: ShardPlan) -> tf.data.Dataset:
-  """This process's rows of each eval batch: its shards of the held-out split, joined."""
-  parts = tuple(
-      _shard_dataset(data, config, seqio.ShardInfo(s, shard_plan.num_shards), train=False,
-                     batch_size=shard_plan.rows_per_shard)
-      for s in shard_plan.shards)
-  if len(parts) == 1:
-    return parts[0]
-  return tf.data.Dataset.zip(parts).map(
-      lambda *batches: {k: tf.concat([b[k] for b in batches], 0) for k in batches[0]})
+                 shard_plan: ShardPlan) -> EvalBatches:
+  """This process's eval batches; see `EvalBatches`."""
+  return EvalBatches(data, config, shard_plan)

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 class UsageError(Exception):
@@ -25,6 +26,10 @@ class UsageError(Exception):
   @classmethod
   def setting(cls, name: str, value: Any, valid: str) -> "UsageError":
     return cls(f"{name}={value!r} is invalid: {valid}")
+
+
+class RunError(Exception):
+  """A run that cannot go on (a diverged loss, a fault): one line, exit code 1, state kept."""
 
 
 def check_writable_dir(path: str, setting: str) -> str:
@@ -87,6 +92,10 @@ def run(main: Callable[[list[str]], Any]) -> None:
       sys.stderr.write(f"error: {e}\n")
       sys.stderr.flush()
       sys.exit(EXIT_USAGE)
+    except RunError as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.stderr.flush()
+      sys.exit(EXIT_FAILURE)
     except OSError as e:
       if "config file" not in str(e):  # config_flags reports a bad --config=<file> lazily.
         raise

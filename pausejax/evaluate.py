@@ -1,11 +1,13 @@
 r"""Evaluate a trained (pause-token) model on downstream tasks, through SeqIO evaluation.
 
-    python -m pausejax.evaluate --config=configs/tiny.py --workdir=runs/tiny \
-        --eval_task=addition [--num_pauses=10] [--max_examples=200] [--json]
+    python -m pausejax.evaluate --workdir=runs/ft_addition \
+        [--eval_task=addition] [--num_pauses=10] [--max_examples=200] [--json]
 
-Loads the parameters of the latest checkpoint in `<workdir>/checkpoints` read-only (the config
-must describe the same model), builds the task's evaluation view (`pausejax.downstream`), and
-runs `seqio.Evaluator` with:
+Reads the run's settings from `<workdir>/config.json` (model, vocabulary, task, and how it was
+fine-tuned: `pause.num_finetune`, `pause.position`, `prefix_lm`; each can be overridden by its
+flag) and the parameters of its latest checkpoint, read-only (not the optimizer state). `--config`
+is needed only for runs without config.json, and must otherwise agree with it. It builds the
+task's evaluation view (`pausejax.downstream`) and runs `seqio.Evaluator` with:
 
   generative tasks       greedy pause-aware decoding (`pausejax.decode.generate`): the prompt is
                          BOS + inputs + M_inf `<pause>`s, the answer is what follows the last
@@ -15,7 +17,7 @@ runs `seqio.Evaluator` with:
   last word (LAMBADA)    whether every token of the last word is the greedy choice.
 
 BOS is the id 0 that seqio's feature converters put in front of every training sequence.
-M_inf = `--num_pauses`, by default the config's `pause.num_finetune` (0 when it has none); with
+M_inf = `--num_pauses`, by default the run's `pause.num_finetune` (0 when it has none); with
 `pause.position="prepend"` the pauses go before the inputs instead (BOS + pauses + inputs), as in
 fine-tuning. Prints a table (or, with `--json`, one JSON line per task) and writes
 `<workdir>/eval_<task>.json`.
@@ -42,12 +44,13 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from pausejax import build
+from pausejax import checkpoint
 from pausejax import config as config_lib
 from pausejax import data as data_lib  # Also keeps TensorFlow off the accelerators.
 from pausejax import decode
 from pausejax import distributed
 from pausejax import downstream
-from pausejax import generate
 from pausejax import model as model_lib
 from pausejax import specials
 from pausejax.errors import UsageError
@@ -282,12 +285,18 @@ def evaluate(model: model_lib.Decoder, task: str, vocabulary: specials.SpecialsV
 
 def define_flags() -> None:
   config_flags.DEFINE_config_file(
-      "config", None, "The training config (e.g. configs/tiny.py) with the same overrides.")
-  flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+      "config", None, "Only for runs without config.json: the training config with the same "
+      "overrides.")
+  flags.DEFINE_string("workdir", None, "Run directory holding config.json and checkpoints/.")
   flags.DEFINE_list("eval_task", [], "Downstream task(s), comma-separated (default: the config's "
                     "eval_task or task, if that is a downstream task).")
   flags.DEFINE_integer("num_pauses", None,
-                       "M_inf: <pause> tokens after the prompt (default: pause.num_finetune or 0).")
+                       "M_inf: <pause> tokens with the prompt (default: the run's "
+                       "pause.num_finetune, 0 for a pretraining run).")
+  flags.DEFINE_enum("pause_position", None, list(POSITIONS), "Pauses after the inputs or "
+                    "before them (default: the run's pause.position).")
+  flags.DEFINE_bool("prefix_lm", None, "Inputs and pauses attend both ways (default: the run's "
+                    "prefix_lm).")
   flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples only (0 = all).")
   flags.DEFINE_integer("max_len", 0, "Positions per row: BOS + prompt + pauses + answer "
                        "(0 = config.seq_len).")
@@ -332,28 +341,24 @@ def main(argv):
   distributed.initialize()
   logging.set_verbosity(logging.ERROR)  # Orbax and seqio log every detail at INFO/WARNING.
   f = flags.FLAGS
-  config = f.config
-  if config is None:
-    raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
   if not f.workdir:
     raise UsageError.setting("--workdir", f.workdir, "give the run directory")
-  config_lib.validate(config)
-  directory = generate.checkpoint_dir(f.workdir)
+  config = config_lib.for_reading(f.workdir, f.config)
+  checkpoint.run_checkpoint_dir(f.workdir)  # A complete checkpoint, before any data is read.
   vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
   recipes = [downstream.resolve(name, setting="--eval_task") for name in _task_names(f, config)]
   settings = Settings.from_config(
-      config, num_pauses=f.num_pauses, max_len=f.max_len or None,
-      max_new_tokens=f.max_new_tokens, max_examples=f.max_examples, batch_size=f.batch_size,
-      metrics=tuple(f.metrics))
+      config, num_pauses=f.num_pauses, pause_position=f.pause_position, prefix_lm=f.prefix_lm,
+      max_len=f.max_len or None, max_new_tokens=f.max_new_tokens, max_examples=f.max_examples,
+      batch_size=f.batch_size, metrics=tuple(f.metrics))
   settings.validate()
   for r in recipes:  # Every name checked before any data is read.
     downstream.resolve_metrics(settings.metrics or r.metric_fns, r.kind, setting="--metrics")
   # Data loaded and every example checked against max_len before the (slow) restore.
   evaluations = [TaskEvaluation(r, vocabulary, settings) for r in recipes]
-  model_cfg = model_lib.ModelConfig.from_config(
-      config.model, specials.padded_vocab_size(vocabulary.vocab_size))
-  params, step = generate.load_checkpoint(config, directory, model_cfg)
-  model = decode.model_from_params(model_cfg, params)
+  model, step = build.restore_model(config, f.workdir,
+                                    specials.padded_vocab_size(vocabulary.vocab_size),
+                                    vocabulary.pause_id)
   results = []
   for evaluation in evaluations:
     try:

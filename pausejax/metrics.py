@@ -11,11 +11,14 @@ One `MetricsLogger` per run. Only the lead host writes files; the others only lo
   ...
   logger.close()
   plot_losses(logger.metrics_path, os.path.join(workdir, PLOT_FILENAME))
+
+Every file goes through `pausejax.fs`, so a gs:// workdir gets them next to its checkpoints.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -28,12 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pausejax import fs
+
 METRICS_FILENAME = "metrics.jsonl"
 PLOT_FILENAME = "loss.png"
 
 
 class MetricsLogger:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard, prints progress lines."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard, prints progress lines.
+
+  On a local workdir each `write` appends a line. Object stores (gs://) cannot append, so there
+  the logger keeps the file's content in memory (read once, on the first write or truncation)
+  and rewrites the whole file atomically on every write: for a file of a few thousand short
+  lines, written every `log_every_steps`, that is one small upload and a rename each time.
+  """
 
   def __init__(self, workdir: str, *, total_steps: int, is_lead_host: bool = True,
                clock: Callable[[], float] = time.perf_counter, stream: TextIO | None = None):
@@ -46,12 +57,18 @@ class MetricsLogger:
     self._clock = clock
     self._stream = stream
     self._timing_start: tuple[int, float] | None = None  # (step, time) of the first progress call.
+    # Non-local metrics.jsonl: its whole content, None until first read.
+    self._remote_text: str | None = None
     if is_lead_host:
-      os.makedirs(workdir, exist_ok=True)
-    # Lead host: absl log + TF summary files in workdir. Others: absl log only.
+      fs.makedirs(workdir)
+    # Lead host: absl log + TF summary files in workdir. Others: absl log only. What
+    # clu's create_default_writer builds, minus its epath.Path(logdir), which accepts only the
+    # schemes epath knows: the TF summary writer itself takes any tf.io.gfile path.
     from clu import metric_writers  # Here, not at the top: it loads TensorFlow.
-    self._writer = metric_writers.create_default_writer(
-        logdir=workdir, just_logging=not is_lead_host)
+    writers = [metric_writers.LoggingWriter()]
+    if is_lead_host:
+      writers.append(metric_writers.SummaryWriter(workdir))
+    self._writer = metric_writers.AsyncMultiWriter(writers)
     self._closed = False
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -60,10 +77,18 @@ class MetricsLogger:
       raise ValueError("'step' is reserved for the step number; rename that scalar")
     values = {name: _plain_number(value) for name, value in scalars.items()}
     if self.is_lead_host:
-      # Opening per call keeps no handle on a file that truncate_after may replace; closing flushes,
-      # so a killed run leaves only complete lines. Non-finite values are written as NaN/Infinity.
-      with open(self.metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": int(step), **values}) + "\n")
+      # Non-finite values are written as NaN/Infinity.
+      line = json.dumps({"step": int(step), **values}) + "\n"
+      if fs.is_local(self.metrics_path):
+        # Opening per call keeps no handle on a file that truncate_after may replace; closing
+        # flushes, so a killed run leaves only complete lines.
+        fs.append_text(self.metrics_path, line)
+      else:
+        if self._remote_text is None:
+          self._remote_text = (fs.read_text(self.metrics_path)
+                               if fs.exists(self.metrics_path) else "")
+        self._remote_text += line
+        fs.write_text(self.metrics_path, self._remote_text)
     self._writer.write_scalars(int(step), values)
 
   def progress(self, step: int, scalars: Mapping[str, Any]) -> str:
@@ -107,16 +132,18 @@ class MetricsLogger:
     uninterrupted run's, or with -1 for a fresh start in a used workdir (drops all lines, including
     an old run's step-0 evaluation). Unparseable (torn) lines are dropped too.
     """
-    if not self.is_lead_host or not os.path.exists(self.metrics_path):
+    if not self.is_lead_host or not fs.exists(self.metrics_path):
       return
-    kept = [line for line, row in _read_lines(self.metrics_path)
-            if row is not None and row.get("step", math.inf) <= step]
-    tmp_path = self.metrics_path + ".tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-      f.writelines(kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, self.metrics_path)
+    kept = "".join(line for line, row in _read_lines(self.metrics_path)
+                   if row is not None and row.get("step", math.inf) <= step)
+    fs.write_text(self.metrics_path, kept)
+    if not fs.is_local(self.metrics_path):
+      self._remote_text = kept
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """The run's settings in TensorBoard's HParams tab (lists shown as text). Once per run."""
+    self._writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                for k, v in hparams.items()})
 
   def close(self) -> None:
     """Flushes and closes the metric writers. Safe to call twice."""
@@ -144,17 +171,19 @@ def _plain_number(value: Any) -> int | float:
 
 def _read_lines(path: str) -> list[tuple[str, dict | None]]:
   """(raw line, parsed object or None when it does not parse) for each line of a jsonl file."""
+  # Split on "\n" only (str.splitlines would also split on the other line breaks of Unicode).
+  *lines, last = fs.read_text(path).split("\n")
+  lines = [line + "\n" for line in lines] + ([last] if last else [])
   out = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = None
-      if line.endswith("\n") and isinstance(row, dict):
-        out.append((line, row))
-      else:
-        out.append((line, None))  # A torn last line lacks its newline.
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if line.endswith("\n") and isinstance(row, dict):
+      out.append((line, row))
+    else:
+      out.append((line, None))  # A torn last line lacks its newline.
   return out
 
 
@@ -267,10 +296,13 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
 
 
 def plot_losses(metrics_jsonl: str, out_png: str, *, title: str | None = None) -> None:
-  """Saves a PNG of train_loss (line) and eval_loss (line with markers) against step."""
+  """Saves a PNG of train_loss (line) and eval_loss (line with markers) against step.
+
+  Both paths may be local or gs://; the PNG is rendered in memory and written atomically.
+  """
   from matplotlib.figure import Figure  # Figure without pyplot: no global backend state.
 
-  rows = read_metrics(metrics_jsonl) if os.path.exists(metrics_jsonl) else []
+  rows = read_metrics(metrics_jsonl) if fs.exists(metrics_jsonl) else []
   fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
   ax = fig.add_subplot()
   for key, label, style in (("train_loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
@@ -282,13 +314,15 @@ def plot_losses(metrics_jsonl: str, out_png: str, *, title: str | None = None) -
     ax.legend()
   else:
     ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
-  run_name = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl)))
+  run_dir = os.path.dirname(
+      os.path.abspath(metrics_jsonl) if fs.is_local(metrics_jsonl) else metrics_jsonl)
+  run_name = os.path.basename(run_dir)
   ax.set(xlabel="training step", ylabel="cross-entropy (nats / token)",
          title=title or f"Loss vs step: {run_name}")
   ax.grid(alpha=0.3)
-  tmp_path = out_png + ".tmp"
-  fig.savefig(tmp_path, format="png")
-  os.replace(tmp_path, out_png)
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  fs.write_bytes(out_png, png.getvalue())
 
 
 def format_duration(seconds: float) -> str:

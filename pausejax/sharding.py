@@ -18,11 +18,12 @@ import math
 from typing import Any, Iterable, Sequence
 
 from absl import logging
+from flax import nnx
 import jax
 from jax.experimental import mesh_utils
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from pausejax import config as config_lib
 from pausejax.errors import UsageError
@@ -157,3 +158,50 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, rules: dict[str, A
         "global_batch_size", global_batch_size,
         f"must be divisible by the {shards} batch shards of the mesh "
         f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)})")
+
+
+# The model setting behind each logical parameter axis, for error messages.
+_AXIS_SETTINGS = {
+    "heads": "model.num_heads",
+    "mlp": "model.mlp_dim",
+    "embed": "model.d_model",
+    "norm": "model.d_model",
+    "kv": "model.head_dim",
+    "layers": "model.num_layers",
+    "vocab": "the padded vocabulary size",
+}
+
+
+def check_shardable(abstract_params: Any, param_specs: Any, mesh: Mesh | AbstractMesh,
+                    rules: dict[str, Any]) -> None:
+  """UsageError unless every parameter dimension divides evenly over the mesh axes it maps to.
+
+  `abstract_params` holds the parameters' shapes (`step.abstract_model`'s nnx.State, or any
+  pytree of arrays / ShapeDtypeStructs) and `param_specs` their logical PartitionSpecs
+  (`step.param_logical_specs`). Without this check an indivisible axis (mesh.tensor=2 with
+  model.num_heads=3) fails deep inside jit.
+  """
+  if isinstance(abstract_params, nnx.State):
+    abstract_params = nnx.to_pure_dict(abstract_params)
+  flat_specs, treedef = jax.tree_util.tree_flatten_with_path(
+      param_specs, is_leaf=lambda x: isinstance(x, P))
+  shapes = treedef.flatten_up_to(abstract_params)
+  mesh_sizes = dict(mesh.shape)
+  num_devices = math.prod(mesh_sizes.values())
+  for (path, spec), array in zip(flat_specs, shapes):
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    for logical, axes, size in zip(spec, logical_to_mesh(spec, rules), array.shape):
+      axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+      shards = math.prod(mesh_sizes[a] for a in axes)
+      if size % shards == 0:
+        continue
+      setting = " * ".join(f"mesh.{a}" for a in axes)
+      shown = " x ".join(f"mesh.{a}={mesh_sizes[a]}" for a in axes)
+      model_setting = _AXIS_SETTINGS.get(logical, f"the size of logical axis {logical!r}")
+      divisors = [d for d in range(1, min(size, num_devices) + 1) if size % d == 0]
+      what = (f"{model_setting}={size}" if model_setting.startswith("model.")
+              else f"{model_setting} {size}")
+      raise UsageError(
+          f"{shown} does not divide {what} (dimension {logical!r} of parameter {name}, shape "
+          f"{tuple(array.shape)}): use {setting} in {{{', '.join(map(str, divisors))}}}, or "
+          f"{model_setting} a multiple of {shards}")

@@ -44,14 +44,20 @@ def apply_model(graphdef, abstract_params: nnx.State, params: PyTree, batch: dic
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer: AdamW, linear warmup + cosine decay, global-norm clipping. Weight decay only on the
-# weight matrices: not on norm scales, nor on the (un)embedding tables (logical axis `vocab`).
+# weight matrices (kernels): not on norm scales, nor on the (un)embedding tables (logical axis
+# `vocab`), whether or not the layers are stacked on a leading `layers` axis (scan_layers).
 
 def make_optimizer(oc, num_train_steps: int, param_specs: PyTree):
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=oc.learning_rate, warmup_steps=oc.warmup_steps,
       decay_steps=max(num_train_steps, oc.warmup_steps + 1),
       end_value=oc.learning_rate * oc.end_lr_ratio)
-  decay_mask = jax.tree.map(lambda spec: len(spec) >= 2 and "vocab" not in spec, param_specs,
+  def is_kernel(spec) -> bool:
+    # `layers` only stacks copies: a stacked norm scale ("layers", "norm") is still a vector.
+    axes = [name for name in spec if name != "layers"]
+    return len(axes) >= 2 and "vocab" not in axes
+
+  decay_mask = jax.tree.map(is_kernel, param_specs,
                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   tx = optax.chain(
       optax.clip_by_global_norm(oc.grad_clip_norm) if oc.grad_clip_norm else optax.identity(),
@@ -102,11 +108,13 @@ def loss_terms(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str
 
 
 def make_train_step(graphdef, abstract_params, tx, schedule, pause_id: int,
-                    microbatches: int = 1):
+                    microbatches: int = 1, skip_nonfinite: bool = False):
   """One optimizer step on a global batch, optionally accumulated over `microbatches`.
 
   Gradients are of the *summed* NLL, divided once by the batch's real-token count, so any number
-  of microbatches gives the update of one big batch.
+  of microbatches gives the update of one big batch. The metric `nonfinite` is 1 when the loss or
+  the gradient norm is NaN/Inf; with `skip_nonfinite` such a step leaves parameters and optimizer
+  state as they were (only the step counter moves on), so the state stays finite.
   """
   def nll_sum(params, batch):
     terms = loss_terms(apply_model(graphdef, abstract_params, params, batch), batch)
@@ -134,11 +142,18 @@ def make_train_step(graphdef, abstract_params, tx, schedule, pause_id: int,
     grads = jax.tree.map(lambda g: g / real, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    loss, grad_norm = terms["nll_sum"] / real, optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state["params"])
+      opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
     total = jnp.sum(batch["decoder_target_tokens"] != 0).astype(jnp.float32)
     step_metrics = {
-        "train_loss": terms["nll_sum"] / real,
+        "train_loss": loss,
         "train_accuracy": terms["correct_sum"] / real,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
         "learning_rate": schedule(state["step"]),
         "pause_fraction": jnp.sum(batch["decoder_input_tokens"] == pause_id) / jnp.maximum(total, 1),
         "real_tokens": terms["weight_sum"],

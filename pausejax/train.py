@@ -1,14 +1,23 @@
-r"""Pretrain a (pause-token) language model.
+r"""Pretrain (or fine-tune) a (pause-token) language model.
 
     python -m pausejax.train --config=configs/tiny.py --workdir=runs/tiny \
         [--config.pause.rate=0.0] [--config.num_train_steps=500] ...
 
-Reads top to bottom: config -> mesh -> data -> model -> optimizer -> checkpoint -> loop.
-Re-running the same command resumes from the latest checkpoint in `--workdir`, data position
-included, and logs exactly the losses an uninterrupted run would. SIGTERM (preemption) saves a
-checkpoint at the current step and exits cleanly.
+Reads top to bottom: config -> data -> mesh, model, optimizer (`build`) -> input -> checkpoint
+-> loop.
 
-Outputs in --workdir: metrics.jsonl, TensorBoard events, checkpoints/, loss.png, summary.txt.
+The first start writes the resolved config to `<workdir>/config.json`. Re-running the same
+command resumes from the latest checkpoint in `--workdir`, data position included, and logs
+exactly the losses an uninterrupted run would; a setting that would change what the run computes
+(model, task, pauses, seed, batch, ...) is refused with one line, while steps, logging, eval and
+checkpoint cadence, mesh and remat may change. Re-running a finished run prints its summary and
+changes nothing. SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly;
+with several hosts, all of them stop at the same step. A NaN/Inf loss or gradient norm stops the
+run with one line (exit 1) before anything non-finite is saved, or with `nonfinite=skip` leaves
+that update out.
+
+Outputs in --workdir (local or gs://): config.json, metrics.jsonl, TensorBoard events,
+checkpoints/, loss.png, summary.txt.
 """
 
 from __future__ import annotations
@@ -24,32 +33,47 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from pausejax import build
 from pausejax import checkpoint
 from pausejax import config as config_lib
 from pausejax import data as data_lib
 from pausejax import distributed
+from pausejax import fs
 from pausejax import metrics
 from pausejax import model as model_lib
-from pausejax import sharding
 from pausejax import specials
-from pausejax import step as step_lib
+from pausejax.errors import RunError
 from pausejax.errors import UsageError
 from pausejax.errors import check_writable_dir
 from pausejax.errors import run
 
-PyTree = Any
+SUMMARY_FILENAME = "summary.txt"
 
 
-def evaluate(eval_step, params, eval_ds, batch_sharding) -> dict[str, float]:
+def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float]:
+  """Loss and accuracy over the held-out batches (`data.EvalBatches`), all processes together.
+
+  Every process must run the same number of eval steps (each is a collective). With several
+  processes they agree before each step whether any still has a batch; one that has run out
+  feeds zero-weight rows, so shards of different lengths cannot deadlock the run.
+  """
   totals = None
-  for batch in eval_ds:
+  batches = iter(eval_batches)
+  while True:
+    batch = next(batches, None)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
+        break
+      batch = eval_batches.zeros() if batch is None else batch
+    elif batch is None:
+      break
     terms = eval_step(params, _global_batch(batch, batch_sharding))
     totals = terms if totals is None else jax.tree.map(jnp.add, totals, terms)
-  if totals is None:
-    raise UsageError.setting("eval_task", "", "the held-out split gave no full batch; lower "
-                             "global_batch_size or seq_len")
-  totals = jax.device_get(totals)
-  n = max(float(totals["weight_sum"]), 1.0)
+  totals = jax.device_get(totals) if totals is not None else None
+  if totals is None or float(totals["weight_sum"]) == 0:
+    raise UsageError.setting("eval_task", "", "its held-out split gave no example to score")
+  n = float(totals["weight_sum"])
   return {"eval_loss": float(totals["nll_sum"]) / n, "eval_accuracy": float(totals["correct_sum"]) / n}
 
 
@@ -60,165 +84,206 @@ def _global_batch(batch, batch_sharding) -> dict[str, jax.Array]:
 
 
 class _Preemption:
-  """SIGTERM -> finish the current step, save a checkpoint, exit cleanly."""
+  """SIGTERM -> finish the current step, save a checkpoint, exit cleanly.
+
+  One process: a Python signal handler sets a flag. Several: jax's coordination service owns
+  SIGTERM (a Python handler would replace its notifier); the host that receives it tells the
+  others, and `reached_preemption_sync_point` is True on every host at the same step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multihost = jax.process_count() > 1
+    self._previous = None
+    if not self._multihost:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def close(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multihost:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # All hosts agree on the step to stop at.
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    if self._multihost:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
+
+
+class _FiniteGuard:
+  """Reads each step's `nonfinite` flag one step late, so the host never waits on the device
+  for it; `check(0)` reads them all (before anything is saved)."""
+
+  def __init__(self, policy: str, ckpt: checkpoint.Checkpointer, logger: metrics.MetricsLogger):
+    self.policy, self._ckpt, self._logger = policy, ckpt, logger
+    self._pending: list[tuple[int, dict]] = []
+    self.skipped = 0
+
+  def add(self, step: int, step_metrics: dict) -> None:
+    self._pending.append((step, {k: step_metrics[k]
+                                 for k in ("nonfinite", "train_loss", "grad_norm")}))
+
+  def check(self, keep: int = 0) -> None:
+    while len(self._pending) > keep:
+      step, m = self._pending.pop(0)
+      if not float(m["nonfinite"]):
+        continue
+      loss, norm = float(m["train_loss"]), float(m["grad_norm"])
+      if self.policy == "skip":
+        self.skipped += 1
+        self._logger.write(step, {"skipped_update": 1})
+        if jax.process_index() == 0:
+          print(f"step {step}: non-finite train loss {loss} / gradient norm {norm}; update "
+                f"skipped ({self.skipped} so far; nonfinite=skip)", flush=True)
+        continue
+      last = self._ckpt.latest_step()
+      where = (f"the last good checkpoint is step {last} in {self._ckpt.directory}"
+               if last is not None else "no checkpoint was saved")
+      raise RunError(
+          f"step {step}: non-finite train loss {loss} / gradient norm {norm}; stopped without "
+          f"saving ({where}). Lower optimizer.learning_rate, or set --config.nonfinite=skip to "
+          "leave such updates out")
 
 
 # ----------------------------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  # 1. Config: every bad value fails here, before anything is written.
+  # 1. Config: every bad value fails here, before anything is written. A resumed run must be
+  # the saved one (config.json); a finished run is only reported again.
   config_lib.validate(config)
   check_writable_dir(workdir, "workdir")
+  lead = jax.process_index() == 0
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  saved_step = checkpoint.latest_step(ckpt_dir)
+  saved_config = config_lib.load_saved(workdir) if saved_step is not None else None
+  changed = (config_lib.check_same_run(saved_config, config, workdir)
+             if saved_config is not None else [])
+  if saved_step is not None and saved_step >= config.num_train_steps:
+    return _report_finished(workdir, saved_step, lead)
 
-  # 2. Mesh.
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_dict(config.logical_axis_rules)
-  sharding.check_batch_divisible(config.global_batch_size, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-
-  # 3. Data: this process reads only the shards whose rows its devices hold.
+  # 2. Data: tasks and vocabulary resolved, the data checked to exist; nothing read yet.
   data = data_lib.prepare(config)
-  shard_plan = data_lib.plan(config, batch_sharding)
 
-  # 4. Model: parameters are created directly with their shardings, never whole on one host.
-  # With the mesh and rules the model constrains its activations (split by batch, not by fsdp).
-  model_cfg = model_lib.ModelConfig.from_config(
-      config.model, specials.padded_vocab_size(data.vocabulary.vocab_size), mesh=mesh,
-      rules=config.logical_axis_rules)
-  graphdef, abstract_params = step_lib.abstract_model(model_cfg)
-  param_specs = step_lib.param_logical_specs(abstract_params)
-  param_shardings = sharding.named_shardings(param_specs, mesh, rules)
+  # 3. Mesh, model, optimizer: shapes and shardings only. Parameters are created directly in
+  # their shardings, never whole on one host.
+  run_ = build.build(config, specials.padded_vocab_size(data.vocabulary.vocab_size),
+                     data.pause_id)
 
-  # 5. Optimizer.
-  tx, schedule = step_lib.make_optimizer(config.optimizer, config.num_train_steps, param_specs)
+  # 4. Input: this process reads only the data shards whose rows its devices hold.
+  shard_plan = data_lib.plan(config, run_.batch_sharding)
+  train_iter = data_lib.train_iterator(
+      data, config, shard_plan,
+      os.path.join(workdir, "input_digests") if config.debug_input_digests else None)
+  eval_batches = data_lib.eval_dataset(data, config, shard_plan)
 
-  init_state, abstract_state, state_shardings = step_lib.make_state(model_cfg, tx, config.seed,
-                                                           param_shardings, mesh)
-  replicated = state_shardings["step"]
-
-  # 6. Checkpoint: refuse a workdir whose checkpoint holds another model, before writing.
+  # 5. Checkpoint: refuse a workdir whose checkpoint holds another model, before writing.
   # Fine-tuning (init_from) starts from another run's parameters with a fresh optimizer; once
   # this workdir has a checkpoint of its own, re-running resumes from that instead.
-  ckpt_dir = os.path.join(workdir, "checkpoints")
   init_params = None
-  if config.init_from and not checkpoint.has_checkpoint(ckpt_dir):
-    init_params = checkpoint.load_params(config.init_from, abstract_state["params"])
+  if config.init_from and saved_step is None:
+    init_params = checkpoint.load_params(config.init_from, run_.abstract_params_tree)
   ckpt = checkpoint.Checkpointer(
       ckpt_dir, keep=config.keep_checkpoints,
       save_every_steps=config.checkpoint_every_steps or config.num_train_steps or 1,
       async_save=config.async_checkpointing)
-  ckpt.check_compatible(abstract_state)
-
-  train_iter = data_lib.train_iterator(
-      data, config, shard_plan,
-      os.path.join(workdir, "input_digests") if config.debug_input_digests else None)
-  eval_ds = data_lib.eval_dataset(data, config, shard_plan)
+  ckpt.check_compatible(run_.abstract_state)
   start_step = ckpt.latest_step()
   if start_step is None:
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+    state = run_.init()
     if init_params is not None:  # Adam's moments start at zero whatever the parameters.
       state = {**state, "params": init_params}
-      if jax.process_index() == 0:
+      if lead:
         print(f"Initialised parameters from {config.init_from}", flush=True)
     start_step = 0
   else:
-    state = ckpt.restore(start_step, abstract_state, train_iter)
-    if jax.process_index() == 0:
-      print(f"Resumed from step {start_step}", flush=True)
+    state = ckpt.restore(start_step, run_.abstract_state, train_iter)
+    if lead:
+      print(f"Resumed from step {start_step}" + (
+          f" with changed settings: {'; '.join(changed)}" if changed else ""), flush=True)
+  if lead:  # What this run is, for resumes and for generate/evaluate to read back.
+    config_lib.save(config, workdir)
 
-  lead = jax.process_index() == 0
   logger = metrics.MetricsLogger(workdir, total_steps=config.num_train_steps, is_lead_host=lead)
   logger.truncate_after(start_step)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, abstract_params, tx, schedule, data.pause_id,
-                                       config.microbatches),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, abstract_params),
-                      in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+  if start_step == 0:
+    logger.write_hparams(config_lib.flatten(config))
+  train_step = run_.train_step(skip_nonfinite=config.nonfinite == "skip")
+  eval_step = run_.eval_step()
 
+  model_cfg = run_.model_cfg
   num_params = model_lib.count_params(model_cfg)
   tokens_per_step = config.global_batch_size * config.seq_len
   flops_per_step = model_lib.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
   peak, peak_source = metrics.peak_flops_per_device()
   if lead:
     print(f"pausejax: {num_params / 1e6:.2f}M params | task {config.task} | pause.rate "
-          f"{config.pause.rate} | mesh {dict(mesh.shape)} | {jax.device_count()} "
+          f"{config.pause.rate} | mesh {dict(run_.mesh.shape)} | {jax.device_count()} "
           f"{jax.devices()[0].device_kind} device(s) | workdir {workdir}", flush=True)
 
-  # 7. Loop.
+  # 6. Loop.
   preemption = _Preemption()
+  guard = _FiniteGuard(config.nonfinite, ckpt, logger)
   first_eval, last_eval, last = None, None, {}
-  totals = {"real_tokens": 0.0, "total_tokens": 0.0}
   t_start = time.time()
   t_window, window_steps = time.time(), 0
   step = start_step
-  while step < config.num_train_steps:
-    batch = _global_batch(next(train_iter), batch_sharding)
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    window_steps += 1
-    if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      dt = (time.time() - t_window) / window_steps
-      t_window, window_steps = time.time(), 0
-      real, total = m.pop("real_tokens"), m.pop("total_tokens")
-      totals["real_tokens"] += real  # Sampled at log steps; exact totals come from step counts.
-      m.update({
-          "step_time": dt,
-          "tokens_per_sec": total / dt,
-          "tokens_per_sec_per_device": total / dt / jax.device_count(),
-          "real_tokens_per_sec": real / dt,
-          "mfu": metrics.mfu(flops_per_step, dt, jax.device_count(), peak),
-      })
-      logger.write(step, m)
-      logger.progress(step, m)
-      last = m
-    if config.eval_every_steps and step % config.eval_every_steps == 0 or \
-        step == config.num_train_steps:
-      e = evaluate(eval_step, state["params"], eval_ds, batch_sharding)
-      logger.write(step, e)
-      if lead:
-        print(f"step {step}/{config.num_train_steps} | eval loss {e['eval_loss']:.3f} | "
-              f"eval accuracy {100 * e['eval_accuracy']:.1f}%", flush=True)
-      first_eval = first_eval or {"step": step, **e}
-      last_eval = {"step": step, **e}
-      t_window = time.time()  # Eval time is not training time.
-    ckpt.save(step, state, train_iter, force=step == config.num_train_steps)
-    if preemption.reached(step):
-      ckpt.save(step, state, train_iter, force=True)
-      ckpt.wait_until_finished()
-      ckpt.close()
-      logger.close()
-      preemption.close()
-      print(f"Stopped at step {step} on SIGTERM; checkpoint saved. Re-run the same command to "
-            "resume.", flush=True)
-      return {"step": step, "preempted": True}
+  try:
+    while step < config.num_train_steps:
+      batch = _global_batch(next(train_iter), run_.batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      guard.add(step, step_metrics)
+      guard.check(keep=1)  # The previous step's flag: that step has finished by now.
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        guard.check()
+        m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        dt = (time.time() - t_window) / window_steps
+        t_window, window_steps = time.time(), 0
+        real, total = m.pop("real_tokens"), m.pop("total_tokens")
+        m.update({
+            "step_time": dt,
+            "tokens_per_sec": total / dt,
+            "tokens_per_sec_per_device": total / dt / jax.device_count(),
+            "real_tokens_per_sec": real / dt,
+            "mfu": metrics.mfu(flops_per_step, dt, jax.device_count(), peak),
+        })
+        logger.write(step, m)
+        logger.progress(step, m)
+        last = m
+      if config.eval_every_steps and step % config.eval_every_steps == 0 or \
+          step == config.num_train_steps:
+        guard.check()
+        e = evaluate(eval_step, state["params"], eval_batches, run_.batch_sharding)
+        logger.write(step, e)
+        if lead:
+          print(f"step {step}/{config.num_train_steps} | eval loss {e['eval_loss']:.3f} | "
+                f"eval accuracy {100 * e['eval_accuracy']:.1f}%", flush=True)
+        first_eval = first_eval or {"step": step, **e}
+        last_eval = {"step": step, **e}
+        t_window = time.time()  # Eval time is not training time.
+      stop = preemption.reached(step)
+      final = step == config.num_train_steps
+      if stop or final or ckpt.should_save(step):
+        guard.check()  # Never save a state past a non-finite step (unless it was skipped).
+        ckpt.save(step, state, train_iter, force=True)
+      if stop:
+        ckpt.wait_until_finished()
+        print(f"Stopped at step {step} on SIGTERM; checkpoint saved. Re-run the same command to "
+              "resume.", flush=True)
+        return {"step": step, "preempted": True}
+    ckpt.wait_until_finished()
+  finally:
+    ckpt.close()  # Finishes a save already under way: it is of a good state.
+    logger.close()
+    preemption.close()
 
-  ckpt.wait_until_finished()
-  ckpt.close()
-  logger.close()
-  preemption.close()
   wall = time.time() - t_start
-  steps_run = step - start_step
   info = {
-      "params": num_params, "steps": step, "steps_this_run": steps_run,
+      "params": num_params, "steps": step, "steps_this_run": step - start_step,
       "tokens_total": step * tokens_per_step,
       "pause_fraction": last.get("pause_fraction"),
       "train_loss": last.get("train_loss"),
@@ -227,13 +292,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "real_tokens_per_sec": last.get("real_tokens_per_sec"), "mfu": last.get("mfu"),
       "peak_source": peak_source, "workdir": workdir,
   }
+  if guard.skipped:
+    info["skipped_updates"] = guard.skipped
   if lead:
-    metrics.plot_losses(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
+    metrics.plot_losses(os.path.join(workdir, metrics.METRICS_FILENAME),
+                        os.path.join(workdir, metrics.PLOT_FILENAME))
     text = metrics.format_summary(info)
-    with open(os.path.join(workdir, "summary.txt"), "w") as f:
-      f.write(text + "\n")
+    fs.write_text(os.path.join(workdir, SUMMARY_FILENAME), text + "\n")
     print(text, flush=True)
   return info
+
+
+def _report_finished(workdir: str, step: int, lead: bool) -> dict[str, Any]:
+  """A finished run re-run: its saved summary again, and nothing in the workdir changed."""
+  path = os.path.join(workdir, SUMMARY_FILENAME)
+  if lead:
+    print(f"The run in {workdir} is finished (step {step}); nothing to do. Raise "
+          "--config.num_train_steps to train on.", flush=True)
+    if fs.exists(path):
+      print(fs.read_text(path), end="", flush=True)
+  return {"steps": step, "steps_this_run": 0, "finished_before": True, "workdir": workdir}
 
 
 def main(argv):

@@ -137,16 +137,14 @@ def _trained_model(workdir: str, config):
   """(vocabulary, model) of a finished run, loaded once however many M_inf it is scored at."""
   if workdir in _MODELS:
     return _MODELS[workdir]
+  from pausejax import build
   from pausejax import data as data_lib
-  from pausejax import decode
-  from pausejax import generate
-  from pausejax import model as model_lib
   from pausejax import specials
   vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
-  model_cfg = model_lib.ModelConfig.from_config(
-      config.model, specials.padded_vocab_size(vocabulary.vocab_size))
-  params, _ = generate.load_checkpoint(config, generate.checkpoint_dir(workdir), model_cfg)
-  _MODELS[workdir] = vocabulary, decode.model_from_params(model_cfg, params)
+  model, _ = build.restore_model(config, workdir,
+                                 specials.padded_vocab_size(vocabulary.vocab_size),
+                                 vocabulary.pause_id)
+  _MODELS[workdir] = vocabulary, model
   return _MODELS[workdir]
 
 
