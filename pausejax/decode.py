@@ -1,8 +1,13 @@
 """Pause-aware batched decoding with a KV cache.
 
-    out = generate(model, [[17, 4, 99], [8, 9]], max_new_tokens=32, num_pauses=10,
+    out = generate(model, [[0, 17, 4, 99], [0, 8, 9]], max_new_tokens=32, num_pauses=10,
                    pause_id=vocab.pause_id, eos_id=vocab.eos_id, max_len=256)
     out.tokens  # One answer per prompt: token ids, no <pause>, no EOS.
+
+Every prompt starts with BOS, id 0 (`bos_id`): seqio's feature converters shift that id (the pad
+id) in at position 0 of every training sequence, so a prompt without it is not what the model was
+trained on. `generate` raises a UsageError for such a prompt rather than adding BOS itself (the
+callers in this package, e.g. `pausejax.generate`, prepend it already).
 
 Inference as in Goyal et al. 2023: every prompt gets `num_pauses` `<pause>` ids appended, the model
 reads prompt + pauses, and the answer is what it produces after the last pause. Its outputs at the
@@ -12,7 +17,10 @@ Pauses the model emits itself: training puts no loss on `<pause>` targets, so a 
 rarely predicts one. If it does during the answer, the pause is fed back like any other token (the
 model gets one more column of computation, which is what a pause is for) but is left out of the
 returned answer, and it counts toward `max_new_tokens`. Counting it keeps every row within
-prompt + num_pauses + max_new_tokens positions, which is exactly what the cache must hold.
+prompt + num_pauses + max_new_tokens - 1 positions (the last token sampled is never fed back),
+which is exactly what the cache must hold. So a fine-tuning sequence that fills seq_len (inputs
+BOS + prompt + pauses + answer; the target at its last position is the answer's EOS) decodes at
+max_len = seq_len with max_new_tokens = answer + 1.
 
 Fixed shapes: the prompts are right-padded into one [B, max_len] block, prefilled once, then one
 compiled step per token runs inside `jax.lax.while_loop`, which ends when every row has produced
@@ -110,26 +118,33 @@ def _decode_loop(advance: Callable, model_state: Any, logits_BxV: jax.Array, key
                  sampler: Sampler) -> jax.Array:
   """Samples up to max_new_tokens per row: BxN ids, _NOT_GENERATED after a row's EOS.
 
-  `advance(tokens_B, model_state) -> (logits_BxV, model_state)` feeds the sampled ids back.
+  `advance(tokens_B, model_state) -> (logits_BxV, model_state)` feeds sampled ids back. The last
+  sample is not fed back (nothing reads its logits), so a row of n tokens needs only
+  n + max_new_tokens - 1 positions.
   """
   batch, vocab = logits_BxV.shape
   valid_V = jnp.arange(vocab) < vocab_size
+
+  def draw(step, logits_BxV, done_B, out_BxN):
+    logits_BxV = jnp.where(valid_V, logits_BxV, -jnp.inf)
+    tokens_B = sample(logits_BxV, jax.random.fold_in(key, step), sampler)
+    out_BxN = out_BxN.at[:, step].set(jnp.where(done_B, _NOT_GENERATED, tokens_B))
+    return tokens_B, done_B | (tokens_B == eos_id), out_BxN
 
   def cond(carry):
     step, _, _, done_B, _ = carry
     return (step < max_new_tokens) & ~jnp.all(done_B)
 
   def body(carry):
-    step, logits_BxV, model_state, done_B, out_BxN = carry
-    logits_BxV = jnp.where(valid_V, logits_BxV, -jnp.inf)
-    tokens_B = sample(logits_BxV, jax.random.fold_in(key, step), sampler)
-    out_BxN = out_BxN.at[:, step].set(jnp.where(done_B, _NOT_GENERATED, tokens_B))
-    done_B = done_B | (tokens_B == eos_id)
+    step, tokens_B, model_state, done_B, out_BxN = carry
     logits_BxV, model_state = advance(tokens_B, model_state)
-    return step + 1, logits_BxV, model_state, done_B, out_BxN
+    tokens_B, done_B, out_BxN = draw(step, logits_BxV, done_B, out_BxN)
+    return step + 1, tokens_B, model_state, done_B, out_BxN
 
-  carry = (jnp.zeros((), jnp.int32), logits_BxV, model_state, jnp.zeros((batch,), bool),
-           jnp.full((batch, max_new_tokens), _NOT_GENERATED, jnp.int32))
+  first = jnp.zeros((), jnp.int32)
+  tokens_B, done_B, out_BxN = draw(first, logits_BxV, jnp.zeros((batch,), bool),
+                                   jnp.full((batch, max_new_tokens), _NOT_GENERATED, jnp.int32))
+  carry = (first + 1, tokens_B, model_state, done_B, out_BxN)
   return jax.lax.while_loop(cond, body, carry)[-1]
 
 
@@ -178,10 +193,11 @@ def with_pauses(prompts: Sequence[Sequence[int]], num_pauses: int,
 
 def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
                    max_new_tokens: int, num_pauses: int, pause_id: int, max_len: int,
-                   vocab_size: int | None = None):
+                   vocab_size: int | None = None, bos_id: int | None = 0):
   """Validates a request; returns (rows = prompt + pauses, padded inputs BxS, lengths B).
 
-  Raises UsageError for any bad setting; `generate` calls it, and a CLI can call it early.
+  Raises UsageError for any bad setting, or for a prompt that does not start with `bos_id`
+  (None: no check); `generate` calls it, and a CLI can call it early.
   """
   if isinstance(prompts, (str, bytes)) or not prompts:
     raise UsageError.setting("prompts", prompts, "a non-empty list of token-id lists")
@@ -194,17 +210,26 @@ def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
     raise UsageError.setting("pause_id", pause_id, f"an id in [0, {cfg.vocab_size})")
   if vocab_size is not None and (not _is_int(vocab_size) or not 0 < vocab_size <= cfg.vocab_size):
     raise UsageError.setting("vocab_size", vocab_size, f"an integer in [1, {cfg.vocab_size}]")
+  if bos_id is not None and (not _is_int(bos_id) or not 0 <= bos_id < cfg.vocab_size):
+    raise UsageError.setting("bos_id", bos_id, f"an id in [0, {cfg.vocab_size}) or None")
   rows = with_pauses(prompts, num_pauses, pause_id)
   for i, (prompt, row) in enumerate(zip(prompts, rows)):
     if not row:
       raise UsageError.setting(f"prompts[{i}]", [], "non-empty when num_pauses=0")
     if min(row) < 0 or max(row) >= cfg.vocab_size:
       raise UsageError.setting(f"prompts[{i}]", list(prompt), f"ids in [0, {cfg.vocab_size})")
-    if len(row) + max_new_tokens > max_len:
+    if bos_id is not None and (not prompt or prompt[0] != bos_id):
+      first = f"starts with {prompt[0]}" if prompt else "is empty"
+      raise UsageError(
+          f"prompts[{i}] {first}: every prompt must start with the BOS id {bos_id}, as every "
+          f"training sequence does (or pass bos_id=None)")
+    # The last new token is never fed back: it needs no position.
+    if len(row) + max_new_tokens - 1 > max_len:
       raise UsageError(
           f"max_len={max_len} is too small for prompts[{i}]: {len(prompt)} tokens + "
-          f"num_pauses={num_pauses} + max_new_tokens={max_new_tokens} = "
-          f"{len(row) + max_new_tokens}; raise max_len or shorten the request")
+          f"num_pauses={num_pauses} + max_new_tokens={max_new_tokens} - 1 (the last new token is "
+          f"never fed back) = {len(row) + max_new_tokens - 1}; raise max_len or shorten the "
+          f"request")
   inputs_BxS = np.zeros((len(rows), max_len), np.int32)  # Right padding (never attended to).
   for b, row in enumerate(rows):
     inputs_BxS[b, :len(row)] = row
@@ -213,11 +238,11 @@ def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
 
 
 def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, temperature,
-         top_k, top_p, seed, max_len, vocab_size, prefix_lm) -> Generation:
+         top_k, top_p, seed, max_len, vocab_size, prefix_lm, bos_id) -> Generation:
   sampler = Sampler(temperature, top_k, top_p)
   rows, inputs_BxS, lengths_B = prepare_inputs(
       model.cfg, prompts, max_new_tokens=max_new_tokens, num_pauses=num_pauses, pause_id=pause_id,
-      max_len=max_len, vocab_size=vocab_size)
+      max_len=max_len, vocab_size=vocab_size, bos_id=bos_id)
   if eos_id is not None and not _is_int(eos_id):
     raise UsageError.setting("eos_id", eos_id, "an integer id or None (never stop early)")
   eos = _NOT_GENERATED if eos_id is None else int(eos_id)  # Sampled ids are never negative.
@@ -237,40 +262,45 @@ def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, 
 def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              num_pauses: int, pause_id: int, eos_id: int | None, max_len: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             vocab_size: int | None = None, prefix_lm: bool = False) -> Generation:
+             vocab_size: int | None = None, prefix_lm: bool = False,
+             bos_id: int | None = 0) -> Generation:
   """Decodes a batch of prompts (token-id lists) with a KV cache.
 
   Args:
     model: the decoder (its parameters are read, never changed).
-    prompts: one token-id list per row; lengths may differ.
+    prompts: one token-id list per row, each starting with `bos_id`; lengths may differ.
     max_new_tokens: sampling steps after the pauses (model-emitted pauses count, see above).
     num_pauses: `<pause>` ids appended to every prompt (M_inf); 0 = plain decoding.
     pause_id, eos_id: special ids; `eos_id=None` never stops early. EOS is not returned.
-    max_len: cache slots per row; needs len(prompt) + num_pauses + max_new_tokens <= max_len.
+    max_len: cache slots per row; needs len(prompt) + num_pauses + max_new_tokens - 1 <= max_len
+      (the last new token is never fed back).
     temperature, top_k, top_p, seed: see `Sampler`; temperature 0 is greedy.
     vocab_size: ids >= vocab_size are never sampled (None: every embedding row may be).
     prefix_lm: the prompt and its pauses attend to each other both ways (a model fine-tuned
       with `prefix_lm=True`); generated tokens stay causal.
+    bos_id: the id every prompt must start with (seqio's shifted-in pad id, 0, begins every
+      training sequence); None: prompts are not checked.
 
   Raises:
-    UsageError: a bad setting, or a prompt that does not fit in max_len.
+    UsageError: a bad setting, a prompt without BOS, or a prompt that does not fit in max_len.
   """
   return _run(_generate_cached, model, prompts, max_new_tokens=max_new_tokens,
               num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
               top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size,
-              prefix_lm=prefix_lm)
+              prefix_lm=prefix_lm, bos_id=bos_id)
 
 
 def generate_without_cache(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *,
                            max_new_tokens: int, num_pauses: int, pause_id: int,
                            eos_id: int | None, max_len: int, temperature: float = 0.0,
                            top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                           vocab_size: int | None = None, prefix_lm: bool = False) -> Generation:
+                           vocab_size: int | None = None, prefix_lm: bool = False,
+                           bos_id: int | None = 0) -> Generation:
   """`generate` without a cache: the full model over the [B, max_len] buffer at every step."""
   return _run(_generate_uncached, model, prompts, max_new_tokens=max_new_tokens,
               num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
               top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size,
-              prefix_lm=prefix_lm)
+              prefix_lm=prefix_lm, bos_id=bos_id)
 
 
 def model_from_params(model_cfg: model_lib.ModelConfig, params: Any) -> model_lib.Decoder:
@@ -290,14 +320,14 @@ def benchmark(model_cfg: model_lib.ModelConfig, *, pause_id: int, batch_size: in
   """Greedy decode speed with the KV cache vs recomputing the prefix; prints and returns it.
 
   A randomly initialised model of `model_cfg` decodes `batch_size` random prompts of
-  `prompt_len` tokens + `num_pauses` pauses for exactly `max_new_tokens` steps (no EOS), with
-  max_len = prompt_len + num_pauses + max_new_tokens. Tokens/s = batch_size * max_new_tokens /
-  the wall time of one whole `generate` call (prefill included), averaged over `repeats` calls
-  after one compiling call.
+  `prompt_len` tokens (BOS first) + `num_pauses` pauses for exactly `max_new_tokens` steps (no
+  EOS), with max_len = prompt_len + num_pauses + max_new_tokens. Tokens/s = batch_size *
+  max_new_tokens / the wall time of one whole `generate` call (prefill included), averaged over
+  `repeats` calls after one compiling call.
   """
   model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
-  prompts = rng.integers(0, pause_id, size=(batch_size, prompt_len)).tolist()
+  prompts = [[0] + row for row in rng.integers(0, pause_id, (batch_size, prompt_len - 1)).tolist()]
   max_len = prompt_len + num_pauses + max_new_tokens
   kwargs = dict(max_new_tokens=max_new_tokens, num_pauses=num_pauses, pause_id=pause_id,
                 eos_id=None, max_len=max_len)

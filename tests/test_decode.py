@@ -20,8 +20,10 @@ from pausejax.errors import UsageError
 
 V = 128
 PAUSE = 120  # Any id works: the tiny model has no vocabulary.
-PROMPTS = [[5, 6, 7, 8, 9], [10], [12, 13, 14, 15, 16, 17, 18, 19, 20]]  # Different lengths.
-# max_len is exactly what the longest prompt needs: 9 tokens + 3 pauses + 10 new ones.
+# Different lengths, each starting with BOS (0) as every training sequence does.
+PROMPTS = [[0, 5, 6, 7, 8, 9], [0, 10], [0, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+# max_len is exactly what the longest prompt needs: 10 tokens + 3 pauses + 10 new ones - 1 (the
+# last new token is never fed back).
 REQUEST = dict(max_new_tokens=10, num_pauses=3, pause_id=PAUSE, eos_id=None, max_len=22)
 
 
@@ -212,6 +214,46 @@ def test_bad_requests_raise_usage_error(model, overrides, setting):
   assert "\n" not in str(e.value)
 
 
+def test_prompts_must_start_with_bos(model):
+  with pytest.raises(UsageError) as e:
+    decode.generate(model, [PROMPTS[0], [7, 8], [0]], **REQUEST)
+  assert str(e.value) == ("prompts[1] starts with 7: every prompt must start with the BOS id 0, as "
+                          "every training sequence does (or pass bos_id=None)")
+  with pytest.raises(UsageError, match=r"^prompts\[0\] is empty: .* BOS id 0"):
+    decode.prepare_inputs(model.cfg, [[]], max_new_tokens=1, num_pauses=2, pause_id=PAUSE,
+                          max_len=8)
+  with pytest.raises(UsageError, match=r"^prompts\[0\] starts with 0: .* BOS id 3"):
+    decode.generate_without_cache(model, PROMPTS, **REQUEST, bos_id=3)
+  # bos_id=None: prompts are taken as they are.
+  unchecked = decode.generate(model, [[7] + p[1:] for p in PROMPTS], **REQUEST, bos_id=None)
+  assert unchecked.inputs[0][0] == 7
+
+
+def test_a_sequence_that_fills_seq_len_decodes_at_max_len_seq_len(model):
+  """A fine-tuning sequence of exactly seq_len inputs, BOS + prompt + pauses + answer, whose last
+  target is the answer's EOS, decodes at max_len=seq_len with max_new_tokens = answer + 1: the
+  final EOS is never fed back, so it needs no cache slot."""
+  # A prompt whose greedy continuation's 7th token is new, so it can stand for EOS.
+  prompt, num_pauses, answer_len = [0, 23, 62, 100, 68], 3, 6
+  seq_len = len(prompt) + num_pauses + answer_len
+  request = dict(max_new_tokens=answer_len + 1, num_pauses=num_pauses, pause_id=PAUSE,
+                 max_len=seq_len)
+  raw = decode.generate(model, [prompt], **{**request, "eos_id": None,
+                                            "max_len": seq_len + 4}).raw_tokens[0]
+  eos = raw[-1]  # Call the last greedy token EOS: then the answer is the 6 tokens before it.
+  assert eos not in raw[:-1]
+  for fn in (decode.generate, decode.generate_without_cache):
+    out = fn(model, [prompt], eos_id=eos, **request)
+    assert out.raw_tokens == [raw] and out.tokens == [raw[:-1]] and out.stopped_at_eos == [True]
+  # The training sequence: a forward pass over these seq_len inputs predicts the answer and EOS.
+  inputs = prompt + [PAUSE] * num_pauses + raw[:-1]
+  assert len(inputs) == seq_len
+  logits_LxV = nnx.jit(lambda m, t: m(t))(model, jnp.array([inputs]))[0]
+  assert np.argmax(logits_LxV[len(prompt) + num_pauses - 1:], axis=-1).tolist() == raw
+  with pytest.raises(UsageError, match="max_len=13 is too small .* = 14"):
+    decode.generate(model, [prompt], eos_id=eos, **{**request, "max_len": seq_len - 1})
+
+
 @pytest.mark.slow
 def test_benchmark_reports_both_speeds():
   cfg = model_lib.ModelConfig(vocab_size=V, num_layers=1, d_model=16, num_heads=2, head_dim=8,
@@ -248,7 +290,8 @@ def test_cli_prints_answers_without_pauses(trained_workdir):
                        "--num_pauses=5", "--max_new_tokens=8")
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  assert lines[0] == "prompt: ROMEO:" and lines[2] == "prompt: To be, or not"
+  assert lines[0].startswith("checkpoint step 2 | 5 pause(s)"), proc.stdout
+  assert lines[1] == "prompt: ROMEO:" and lines[3] == "prompt: To be, or not"
   answers = [line for line in lines if line.startswith("answer: ")]
   assert len(answers) == 2 and all(len(a) > len("answer: ") for a in answers), proc.stdout
   assert "<pause>" not in proc.stdout

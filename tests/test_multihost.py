@@ -12,9 +12,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -140,6 +142,85 @@ def test_one_host_with_other_shards_restarts_the_data_with_a_warning(two_hosts, 
   # Steps 3 and 4 came from the one shard (all 8 rows), not from the saved 2-shard positions.
   assert {p: {s: [len(d) for d in draws] for s, draws in shards.items()}
           for p, shards in _fed(workdir).items()} == {0: {0: [8, 8]}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping together and evaluating together.
+
+
+def _children(pid: int) -> dict[int, int]:
+  """{PAUSEJAX_PROCESS_ID: pid} of the processes that launch/local.py (pid) started."""
+  out = {}
+  for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                              text=True).stdout.split():
+    environ = pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+    for entry in environ:
+      if entry.startswith(b"PAUSEJAX_PROCESS_ID="):
+        out[int(entry.split(b"=")[1])] = int(child)
+  return out
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_both_at_one_step_and_resumes_exactly(tfds_dir, tmp_path):
+  """Preemption notice on host 1 only: both hosts stop at the same step and write one
+  checkpoint together; the same command then finishes with the uninterrupted run's losses."""
+  run = {"num_train_steps": 40, "checkpoint_every_steps": 100, "eval_every_steps": 40,
+         "debug_input_digests": False}
+  workdir = tmp_path / "stopped"
+  argv = _train_argv(workdir, tfds_dir, **run)
+  launcher = subprocess.Popen(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2", "--",
+       *argv], cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 600
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+    time.sleep(0.2)
+  os.kill(_children(launcher.pid)[1], signal.SIGTERM)
+  out, err = launcher.communicate(timeout=600)
+  assert launcher.returncode == 0, err[-4000:]
+  stops = sorted(l for l in out.splitlines() if "Stopped at step" in l)
+  assert len(stops) == 2 and stops[0].startswith("[p0]") and stops[1].startswith("[p1]"), out
+  step = int(stops[0].split("Stopped at step ")[1].split()[0])
+  assert stops[1] == stops[0].replace("[p0]", "[p1]") and 3 <= step < 40
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)]
+
+  r = _on_hosts(2, 2, argv)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert f"Resumed from step {step}" in r.stdout
+  reference = tmp_path / "reference"
+  r = _on_hosts(2, 2, _train_argv(reference, tfds_dir, **run))
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert _losses(workdir) == _losses(reference)
+
+
+@pytest.mark.slow
+def test_hosts_with_uneven_eval_shards_score_the_whole_split(tfds_dir, tmp_path):
+  """num_eval_steps=0 on 2 hosts whose eval shards differ in length: every host runs the same
+  number of eval steps (the shorter one feeds zero-weight rows), no deadlock, and the loss over
+  the whole split equals one host's reading both shards."""
+  from conftest import tiny_config
+  from pausejax import data as data_lib
+  config = tiny_config(tfds_dir, data_shards=2, num_eval_steps=0)
+  data = data_lib.prepare(config)
+  batches = [sum(1 for _ in data_lib.shard_dataset(data, config, s, train=False, batch_size=16))
+             for s in (0, 1)]
+  assert batches[0] != batches[1], batches  # The case under test: uneven shards.
+  run = {"num_train_steps": 2, "eval_every_steps": 2, "num_eval_steps": 0,
+         "debug_input_digests": False, "data_shards": 2, "global_batch_size": 32}
+  two, one = tmp_path / "two", tmp_path / "one"
+  r = _on_hosts(2, 2, _train_argv(two, tfds_dir, **run))
+  assert r.returncode == 0, r.stderr[-4000:]
+  r = _on_one_host(4, _train_argv(one, tfds_dir, **run))
+  assert r.returncode == 0, r.stderr[-4000:]
+  (two_eval,), (one_eval,) = ([l["eval_loss"] for l in _read(w) if "eval_loss" in l]
+                              for w in (two, one))
+  assert two_eval == pytest.approx(one_eval, rel=1e-5)
+
+
+def _read(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
 
 
 # ---------------------------------------------------------------------------------------------
