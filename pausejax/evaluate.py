@@ -181,7 +181,8 @@ class TaskEvaluation:
     s = self.settings
     for i, e in enumerate(self.examples):
       answer = self.max_new_tokens if self.generative else len(e.targets)
-      total = 1 + len(e.inputs) + s.num_pauses + answer
+      # Decoding never feeds back its last token (it needs no slot); scoring reads a full row.
+      total = 1 + len(e.inputs) + s.num_pauses + answer - (1 if self.generative else 0)
       if total > s.max_len:
         what = "max_new_tokens" if self.generative else "answer tokens"
         raise UsageError(
