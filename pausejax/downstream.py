@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -59,6 +57,7 @@ import tensorflow as tf
 
 from pausejax import corpus
 from pausejax import eval_metrics
+from pausejax import readers
 from pausejax import specials
 from pausejax.errors import UsageError
 
@@ -235,26 +234,11 @@ _RECIPES: dict[str, DownstreamRecipe] = {}
 # Sources: JSON-lines files, in memory.
 
 def _read_jsonl(pattern: str, kind: str) -> dict[str, Any]:
-  paths = sorted(tf.io.gfile.glob(pattern))
-  if not paths:
-    raise UsageError(f"no files match {pattern!r}")
   columns: dict[str, list] = {f: [] for f in _FIELDS[kind]}
   if kind == "generative":
     columns["answers"] = []
-  for path in paths:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      data = f.read()
-    if path.endswith(".gz"):
-      data = gzip.decompress(data)
-    for line_no, line in enumerate(data.decode("utf-8").splitlines(), 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_no}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UsageError(f"{where} is not JSON ({e.msg})") from None
-      _append_record(columns, obj, kind, where)
+  for where, obj in readers.jsonl_records(pattern):
+    _append_record(columns, obj, kind, where)
   if not columns[_FIELDS[kind][0]]:
     raise UsageError(f"no examples in {pattern!r}")
   for key in ("answers", "options"):

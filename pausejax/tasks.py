@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import json
-import re
 from typing import Callable, Mapping
 
 import seqio
@@ -30,6 +27,7 @@ import tensorflow as tf
 from pausejax import corpus
 from pausejax import pause
 from pausejax import preprocessors
+from pausejax import readers
 from pausejax import specials
 from pausejax.errors import UsageError
 
@@ -71,27 +69,6 @@ class Recipe:
 _RECIPES: dict[str, Recipe] = {}
 
 
-def _read_documents(pattern: str, text_key: str) -> list[str]:
-  """Documents from .jsonl / .txt files (optionally .gz); .txt documents are split at blank lines."""
-  docs = []
-  for path in sorted(tf.io.gfile.glob(pattern)):
-    with tf.io.gfile.GFile(path, "rb") as f:
-      data = f.read()
-    if path.endswith(".gz"):
-      data = gzip.decompress(data)
-    text = data.decode("utf-8")
-    if ".jsonl" in path or ".json" in path:
-      for line_no, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-          obj = json.loads(line)
-          if text_key not in obj:
-            raise UsageError(f"{path}:{line_no} has no {text_key!r} field (fields: {sorted(obj)})")
-          docs.append(str(obj[text_key]))
-    else:
-      docs.extend(d.strip() for d in re.split(r"\n\s*\n", text) if d.strip())
-  return docs
-
-
 def _files_source(files: Mapping[str, str], text_key: str) -> seqio.DataSource:
   """A seqio source over local/GCS text or JSONL files, held in memory (fine up to a few GB)."""
   cache: dict[str, list[str]] = {}
@@ -99,7 +76,7 @@ def _files_source(files: Mapping[str, str], text_key: str) -> seqio.DataSource:
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed  # seqio shuffles examples after preprocessing.
     if split not in cache:
-      cache[split] = _read_documents(files[split], text_key)
+      cache[split] = readers.documents(files[split], text_key)
       if not cache[split]:
         raise UsageError(f"no documents found in {files[split]!r} for split {split!r}")
     return tf.data.Dataset.from_tensor_slices({text_key: cache[split]})
