@@ -432,8 +432,7 @@ _ACROSS_MESHES = """
   import jax
   import numpy as np
   from conftest import tiny_config
-  from pausejax import checkpoint, data as data_lib, model as model_lib, sharding, specials
-  from pausejax import step as step_lib, train
+  from pausejax import build, checkpoint, data as data_lib, specials, train
 
   tfds_dir, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 
@@ -441,15 +440,9 @@ _ACROSS_MESHES = """
     return tiny_config(tfds_dir, **settings, **{f"mesh.{k}": v for k, v in mesh.items()})
 
   def abstract_state(c):  # As train.train_and_evaluate builds it.
-    mesh = sharding.make_mesh(c.mesh)
-    rules = sharding.rules_dict(c.logical_axis_rules)
-    vocab = data_lib.prepare(c).vocabulary.vocab_size
-    cfg = model_lib.ModelConfig.from_config(c.model, specials.padded_vocab_size(vocab))
-    _, abstract_params = step_lib.abstract_model(cfg)
-    specs = step_lib.param_logical_specs(abstract_params)
-    tx, _ = step_lib.make_optimizer(c.optimizer, c.num_train_steps, specs)
-    return step_lib.make_state(cfg, tx, c.seed, sharding.named_shardings(specs, mesh, rules),
-                               mesh)[1]
+    vocab = data_lib.prepare(c).vocabulary
+    return build.build(c, specials.padded_vocab_size(vocab.vocab_size),
+                       vocab.pause_id).abstract_state
 
   def resume_from_step_2(source, target, c):
     shutil.copytree(source, target)
