@@ -344,8 +344,8 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir:
     raise UsageError.setting("--workdir", f.workdir, "give the run directory")
-  config = config_lib.for_reading(f.workdir, f.config)
   checkpoint.run_checkpoint_dir(f.workdir)  # A complete checkpoint, before any data is read.
+  config = config_lib.for_reading(f.workdir, f.config)
   vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
   recipes = [downstream.resolve(name, setting="--eval_task") for name in _task_names(f, config)]
   settings = Settings.from_config(

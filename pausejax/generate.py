@@ -19,6 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from pausejax import build
+from pausejax import checkpoint
 from pausejax import config as config_lib
 from pausejax import data as data_lib
 from pausejax import decode
@@ -60,6 +61,7 @@ def main(argv):
     raise UsageError.setting("--workdir", f.workdir, "give the training run directory")
   if not f.prompt:
     raise UsageError.setting("--prompt", None, "give at least one --prompt=...")
+  checkpoint.run_checkpoint_dir(f.workdir)  # Train first: said before anything else.
   config = config_lib.for_reading(f.workdir, f.config)
   num_pauses = config.pause.num_finetune if f.num_pauses is None else f.num_pauses
   position = f.pause_position or config.pause.position

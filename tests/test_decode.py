@@ -297,6 +297,23 @@ def test_cli_prints_answers_without_pauses(trained_workdir):
   assert "<pause>" not in proc.stdout
 
 
+@pytest.mark.slow
+def test_cli_reads_the_runs_settings_from_its_config_json(trained_workdir):
+  cmd = [sys.executable, "-m", "pausejax.generate", f"--workdir={trained_workdir}",
+         "--prompt=ROMEO:", "--max_new_tokens=4"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # A pretraining run: M_ft = 0, appended, causal.
+  assert proc.stdout.splitlines()[0] == "checkpoint step 2 | 0 pause(s), append | prefix_lm False"
+  # The config file again without the run's model overrides: refused, not decoded.
+  cmd = [sys.executable, "-m", "pausejax.generate", "--config=configs/tiny.py",
+         f"--workdir={trained_workdir}", "--prompt=ROMEO:"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith("error: --config.") and "differs from the run in" in line, line
+
+
 def test_cli_without_checkpoint_exits_2(tmp_path):
   proc = _generate_cli(tmp_path, "--prompt=ROMEO:", "--max_new_tokens=8")
   assert proc.returncode == 2, proc.stderr[-3000:]
