@@ -20,12 +20,15 @@ corpus and turns a missing C4 into one actionable line. Our own `download_and_pr
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import pathlib
 from typing import Iterator
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from pausejax.errors import UsageError
@@ -83,19 +86,29 @@ def _builder(tfds_name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 
 
 def _prepare_embedded(tfds_name: str, data_dir: str | None) -> None:
-  builder = _builder(tfds_name, data_dir)
-  if builder.is_prepared():
-    return
+  # TFDS warns about the not-yet-built folder and draws progress bars for a build of seconds:
+  # one line of ours says what happens instead.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
   try:
-    # TFDS writes into a temporary directory and renames it into place, so readers never see a
-    # half-written dataset. When several processes race, every one builds and all but the first
-    # rename fail; they find the dataset prepared and go on.
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-  except Exception:
-    if not _builder(tfds_name, data_dir).is_prepared():
-      raise
+    builder = _builder(tfds_name, data_dir)
+    if builder.is_prepared():
+      return
+    print(f"pausejax: preparing the embedded corpus in {builder.data_dir} (first use only)",
+          flush=True)
+    tfds.display_progress_bar(False)
+    try:
+      # TFDS writes into a temporary directory and renames it into place, so readers never see
+      # a half-written dataset. When several processes race, every one builds and all but the
+      # first rename fail; they find the dataset prepared and go on.
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception:
+      if not _builder(tfds_name, data_dir).is_prepared():
+        raise
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def ensure_prepared(tfds_name: str, data_dir: str | None) -> None:

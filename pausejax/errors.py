@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from pausejax import startup
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -58,9 +60,16 @@ def _one_line(text: str) -> str:
   return " ".join(text.replace("\\n", " ").split())
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parse of `argv`; a flag error prints one line and exits 2, --help (-h) exits 0."""
+  end = argv.index("--") if "--" in argv else len(argv)
+  argv = [("--help" if a == "-h" else a) for a in argv[:end]] + argv[end:]
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl prints the help and exits 1; asking for help is no failure.
+    if e.code == 1 and startup.asks_for_help(argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:  # Unknown flag, badly typed --config.key=value...
     message = _one_line(str(e))
   except (KeyError, AttributeError) as e:  # ml_collections: --config.<key> that does not exist.
@@ -103,4 +112,4 @@ def run(main: Callable[[list[str]], Any]) -> None:
       sys.stderr.write(f"error: --config: cannot load the config file: {reason[-1]}\n")
       sys.exit(EXIT_USAGE)
 
-  app.run(guarded, flags_parser=_parse_flags)
+  app.run(guarded, flags_parser=parse_flags)
