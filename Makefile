@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	touch $@
 
 demo: venv
-	JAX_PLATFORMS=cpu $(PY) -m pausejax.train --config=configs/tiny.py --workdir=$(DEMO_DIR) \
+	$(PY) -m pausejax.train --config=configs/tiny.py --workdir=$(DEMO_DIR) \
 	    --config.tfds_data_dir=$(CURDIR)/runs/tensorflow_datasets
 
 # Fast set by default; `make test-all` adds the slow tests.
@@ -32,7 +32,7 @@ test-all: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv
-	JAX_PLATFORMS=cpu $(PY) -m pausejax.bench --config=configs/tiny.py \
+	$(PY) -m pausejax.bench --config=configs/tiny.py \
 	    --config.tfds_data_dir=$(CURDIR)/runs/tensorflow_datasets
 
 clean:
