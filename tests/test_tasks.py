@@ -16,9 +16,9 @@ from conftest import tiny_config
 L = 64
 
 
-def _chunks(task, n, tfds_dir=None, split="train"):
+def _chunks(task, n, tfds_dir=None, split="train", trim=True):
   ds = task.get_dataset({"targets": L}, split=split, shuffle=False, seed=7, use_cached=False,
-                        try_in_mem_cache=False)
+                        try_in_mem_cache=False, trim_output_features=trim)
   return [x["targets"] for x in ds.take(n).as_numpy_iterator()]
 
 
@@ -35,7 +35,7 @@ def test_registered_tasks():
   assert tasks.recipe("c4_pause").tfds_name == "c4/en:3.1.0"
 
 
-def test_pause_stream_is_standard_stream_with_pauses(tfds_dir):
+def test_pause_stream_is_standard_stream_with_pauses(tfds_dir, monkeypatch):
   """Chunk i of the pause task = chunk i of the standard task with pauses inserted and trimmed."""
   vocab = _vocab()
   recipe = tasks.recipe("shakespeare_pause")
@@ -46,10 +46,33 @@ def test_pause_stream_is_standard_stream_with_pauses(tfds_dir):
     real = p[p != vocab.pause_id]
     assert len(real) < L  # Some pauses survived the trim.
     np.testing.assert_array_equal(real, s[:len(real)])  # Real tokens: a prefix, in order.
-  # Every pause chunk had exactly round(0.1 * 64) = 6 pauses inserted before the trim.
-  assert all(np.sum(p == vocab.pause_id) <= pause.num_pauses(0.1, L) for p in paused)
-  # Chunks are the concatenated stream: documents are separated by EOS and run across chunks.
-  assert sum(np.sum(s == vocab.eos_id) for s in std) >= 1
+
+  # The same stream and seeds with the trim switched off shows the chunks before the trim.
+  count = pause.num_pauses(0.1, L)
+  assert count == 6  # round(0.1 * 64).
+  untrimmed_insert = pause.insert_pauses
+  monkeypatch.setattr(pause, "insert_pauses",
+                      lambda *args, **kwargs: untrimmed_insert(*args, **{**kwargs, "trim": False}))
+  untrimmed = _chunks(recipe.build(vocab, pause_rate=0.1, tfds_data_dir=tfds_dir), 20, trim=False)
+  assert len(untrimmed) == 20
+  for s, p, u in zip(std, paused, untrimmed):
+    assert len(u) == L + count
+    assert np.sum(u == vocab.pause_id) == count  # Exactly `count` pauses inserted per chunk...
+    np.testing.assert_array_equal(u[u != vocab.pause_id], s)  # ...among all L real tokens...
+    np.testing.assert_array_equal(p, u[:L])  # ...then cut back to L,
+    # so a chunk keeps exactly the pauses that did not land in the cut-off tail.
+    assert np.sum(p == vocab.pause_id) == count - np.sum(u[L:] == vocab.pause_id)
+
+  # Chunks are the concatenated stream: the documents in order, each ending in EOS, run across
+  # chunk boundaries, and the 20 chunks are exactly the stream's first 20 * L tokens.
+  source = seqio.TfdsDataSource(recipe.tfds_name, tfds_data_dir=tfds_dir)
+  stream = []
+  for example in source.get_dataset("train", shuffle=False).as_numpy_iterator():
+    stream += vocab.encode(example["text"].decode("utf-8")) + [vocab.eos_id]
+    if len(stream) >= 20 * L:
+      break
+  np.testing.assert_array_equal(np.concatenate(std), stream[:20 * L])
+  assert stream[:20 * L].count(vocab.eos_id) >= 1  # At least one document ends inside them.
 
 
 def test_rate_zero_is_exactly_the_standard_task(tfds_dir):
@@ -112,7 +135,8 @@ def test_c4_task_end_to_end_on_fake_c4(tmp_path):
                        eval_every_steps=0, log_every_steps=1, num_eval_steps=1,
                        global_batch_size=2)
   data = data_lib.prepare(config)
-  batch = next(iter(data_lib.dataset(data, config, train=True)))
+  batch = next(iter(data_lib.shard_dataset(data, config, 0, train=True,
+                                           batch_size=config.global_batch_size)))
   targets = batch["decoder_target_tokens"].numpy()
   assert targets.shape == (2, L) and np.any(targets == data.pause_id)
   assert "Pause tokens give a model" in data.vocabulary.render(targets[0]).replace("<pause>", "")
