@@ -50,6 +50,9 @@ def test_first_start_saves_the_resolved_config(finished):
   assert saved["pause"] == {"rate": 0.1, "num_finetune": 3, "position": "prepend"}
   assert config_lib.flatten(config_lib.from_saved(config_lib.flatten(saved))) == \
       config_lib.flatten(config)
+  # And in TensorBoard's HParams tab.
+  events = b"".join(p.read_bytes() for p in workdir.glob("events.out.tfevents*"))
+  assert b"hparams" in events and b"model.d_model" in events and b"pause.num_finetune" in events
 
 
 def test_resume_refuses_a_changed_setting_and_writes_nothing(finished, tmp_path):
