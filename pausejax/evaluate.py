@@ -51,6 +51,7 @@ from pausejax import data as data_lib  # Also keeps TensorFlow off the accelerat
 from pausejax import decode
 from pausejax import distributed
 from pausejax import downstream
+from pausejax import fs
 from pausejax import model as model_lib
 from pausejax import specials
 from pausejax.errors import UsageError
@@ -319,11 +320,8 @@ def _task_names(f, config) -> list[str]:
 
 
 def _write_json(path: str, value: dict) -> None:
-  """Written whole or not at all: a temporary file renamed into place."""
-  tmp = f"{path}.tmp"
-  with tf.io.gfile.GFile(tmp, "w") as fh:
-    fh.write(json.dumps(value, indent=2) + "\n")
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  """Written whole or not at all (local or gs://)."""
+  fs.write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _table(results: list[dict], step: int | None) -> str:

