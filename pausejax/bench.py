@@ -22,6 +22,7 @@ import numpy as np
 from pausejax import build
 from pausejax import config as config_lib
 from pausejax import distributed
+from pausejax import fs
 from pausejax import metrics
 from pausejax import model as model_lib
 from pausejax import sharding
@@ -134,8 +135,7 @@ def main(argv):
     print(f"pipeline, rate {config.pause.rate:<4g}"
           f"{results['pipeline_tokens_per_sec_pauses']:,.0f} tokens/s")
   if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(results, f, indent=2)
+    fs.write_text(_JSON.value, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
