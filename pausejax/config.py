@@ -231,7 +231,9 @@ def flatten(config) -> dict[str, Any]:
 
 
 def save(config, workdir: str) -> str:
-  """Writes the resolved config to `<workdir>/config.json` (whole or not at all)."""
+  """Writes the resolved config to `<workdir>/config.json` (whole or not at all).
+
+  Resolve what the run used first (e.g. `data_shards`: the number of shards, not 0)."""
   from pausejax import fs
   path = os.path.join(workdir, CONFIG_FILENAME)
   fs.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -266,13 +268,18 @@ def check_same_run(saved: dict[str, Any], config, workdir: str, *,
   """
   changed = changes(saved, config)
   for key, (old, new) in changed.items():
+    # The run saves the data shards it used; data_shards=0 (one per process) takes whatever the
+    # hosts give now, and the checkpoint warns when the data position cannot carry over.
+    if key == "data_shards" and new == 0:
+      continue
     if not _is_operational(key):
       use = ("leave out --config: the run's own settings are read from its config.json" if reading
              else "use the saved value, or a fresh --workdir for a new run")
       raise UsageError(
           f"--config.{key}={new!r} differs from the run in {workdir}, which has {old!r} "
           f"({CONFIG_FILENAME}); it changes what the run computes: {use}")
-  return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
+  return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()
+          if not (k == "data_shards" and new == 0)]
 
 
 def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -205,7 +205,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           f" with changed settings: {'; '.join(changed)}" if changed else ""), flush=True)
   if lead:  # What this run is, for resumes and for generate/evaluate to read back.
     fs.makedirs(workdir)
-    config_lib.save(config, workdir)
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+      resolved.data_shards = shard_plan.num_shards
+    config_lib.save(resolved, workdir)
 
   logger = metrics.MetricsLogger(workdir, total_steps=config.num_train_steps, is_lead_host=lead)
   logger.truncate_after(start_step)

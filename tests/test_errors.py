@@ -105,8 +105,12 @@ def test_checkpoint_of_another_model_shape(tfds_dir, tmp_path):
   from pausejax import train
   train.train_and_evaluate(tiny_config(tfds_dir, num_train_steps=2, eval_every_steps=0,
                                        checkpoint_every_steps=2), str(tmp_path))
-  msg = _expect_error(tiny_config(tfds_dir, num_train_steps=4, **{"model.d_model": 96}),
-                      tmp_path, "checkpoint", "shape")
+  other = tiny_config(tfds_dir, num_train_steps=4, **{"model.d_model": 96})
+  msg = _expect_error(other, tmp_path, "model.d_model", "config.json")  # The saved config.
+  assert "96" in msg and "64" in msg
+  # A run from before config.json was saved: the checkpoint's own shapes catch it.
+  os.remove(tmp_path / "config.json")
+  msg = _expect_error(other, tmp_path, "checkpoint", "shape")
   assert "96" in msg and "64" in msg
 
 

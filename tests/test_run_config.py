@@ -48,8 +48,15 @@ def test_first_start_saves_the_resolved_config(finished):
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["seed"] == 7 and saved["model"]["d_model"] == 64
   assert saved["pause"] == {"rate": 0.1, "num_finetune": 3, "position": "prepend"}
+  assert saved["data_shards"] == 1  # Resolved: data_shards=0 is one shard per process.
+  resolved = config.copy_and_resolve_references()
+  resolved.data_shards = 1
   assert config_lib.flatten(config_lib.from_saved(config_lib.flatten(saved))) == \
-      config_lib.flatten(config)
+      config_lib.flatten(resolved)
+  # Resuming with the shards it resolved to, or again with 0 ("one per process"), is the run.
+  for shards in (0, 1):
+    resolved.data_shards = shards
+    config_lib.check_same_run(config_lib.flatten(saved), resolved, str(workdir))
   # And in TensorBoard's HParams tab.
   events = b"".join(p.read_bytes() for p in workdir.glob("events.out.tfevents*"))
   assert b"hparams" in events and b"model.d_model" in events and b"pause.num_finetune" in events
