@@ -2,7 +2,7 @@
 
     make demo   # pretrains runs/demo (PausePT)
     python -m pausejax.train --config=configs/finetune_addition.py --workdir=runs/ft_addition
-    python -m pausejax.evaluate --config=configs/finetune_addition.py --workdir=runs/ft_addition
+    python -m pausejax.evaluate --workdir=runs/ft_addition   # reads the run's config.json
 
 Each example is "123+45=" + 10 x <pause> + "168" + EOS, loss on the answer only. The model
 shapes must be the pretrained model's (configs/tiny.py); `init_from` reads its parameters and the
