@@ -48,6 +48,7 @@ def tiny_model_config():
       mlp_dim=TINY["model.mlp_dim"], tied_embeddings=True)
 
 
+@pytest.mark.slow
 def test_tiny_config_compiles_for_v5e_and_reports_consistent_numbers():
   from pausejax import model as model_lib
   result = run_aot("--topology=v5e:2x2", "--mfu=0.5")
@@ -120,6 +121,7 @@ def test_parse_topology_accepts():
   assert aot.parse_topology("v6e:16x16") == ("v6e", (16, 16))
 
 
+@pytest.mark.slow
 def test_config_too_large_for_the_chip_exits_2_with_suggestions():
   # 128 sequences of 4096 tokens per v5e chip: the float32 attention probabilities alone
   # (2 heads x 4096^2 x 4 bytes each) are 16 GiB, more than a v5e chip's HBM.
@@ -137,6 +139,7 @@ def test_config_too_large_for_the_chip_exits_2_with_suggestions():
     assert re.search(r"--config.microbatches=\d+ \(gradient accumulation", line), line
 
 
+@pytest.mark.slow
 def test_scanned_rematerialised_fsdp_step_compiles():
   """model.scan_layers + model.remat on an fsdp mesh (the model constrains its activations)."""
   result = run_aot("--topology=v5e:2x2", **{"model.num_layers": 2, "model.scan_layers": True,
@@ -188,6 +191,7 @@ def test_topology_that_libtpu_rejects_exits_2():
   assert line.startswith("error: --topology='v5p:3x3x1' is invalid: libtpu rejects it")
 
 
+@pytest.mark.slow
 def test_two_slices_put_the_data_axis_over_dcn():
   result = run_aot("--topology=v5e:2x2", "--num_slices=2")
   assert result.returncode == 0, result.stderr[-3000:]

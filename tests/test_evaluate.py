@@ -389,6 +389,7 @@ def random_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_cli_writes_results_and_leaves_checkpoints_alone(random_workdir):
   before = sorted(os.listdir(random_workdir / "checkpoints"))
   proc = _evaluate_cli(random_workdir, "--eval_task=addition", "--num_pauses=3",

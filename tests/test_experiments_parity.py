@@ -195,6 +195,7 @@ def test_cli_needs_outdir(tmp_path):
   assert result.returncode == 2 and result.stderr.startswith("error: --outdir=")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results(tmp_path):
   outdir = tmp_path / "nested" / "out"
   result = _run_cli(f"--outdir={outdir}", "--quick")

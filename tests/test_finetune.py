@@ -143,6 +143,7 @@ def test_init_from_missing_path_is_a_usage_error(tfds_dir, tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_init_from_another_model_shape_is_a_usage_error(tfds_dir, tmp_path):
   from pausejax import train
   pre = tmp_path / "pretrain"

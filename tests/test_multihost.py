@@ -296,6 +296,7 @@ print("RESTORED_ON_ONE")
 """
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_restores_on_one(tmp_path):
   """2 hosts save sharded arrays and their data shards' positions; 1 host restores them all."""
   directory = str(tmp_path / "ckpt")

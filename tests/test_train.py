@@ -126,6 +126,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tfds_dir, tmp_path, re
   assert _losses(_read(tmp_path)) == _losses(reference_run)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tfds_dir, tmp_path):
   base = tiny_config(tfds_dir, num_train_steps=4, eval_every_steps=0, log_every_steps=1)
   _train(base, tmp_path / "one")
