@@ -266,20 +266,18 @@ def check_same_run(saved: dict[str, Any], config, workdir: str, *,
   Returns the changed operational settings as `key: old -> new` texts (to be printed). Keys in
   only one of the two (a config from another pausejax version) are not compared.
   """
-  changed = changes(saved, config)
+  # The run saves the data shards it used; data_shards=0 (one per process) takes whatever the
+  # hosts give now, and the checkpoint warns when the data position cannot carry over.
+  changed = {k: v for k, v in changes(saved, config).items()
+             if not (k == "data_shards" and v[1] == 0)}
   for key, (old, new) in changed.items():
-    # The run saves the data shards it used; data_shards=0 (one per process) takes whatever the
-    # hosts give now, and the checkpoint warns when the data position cannot carry over.
-    if key == "data_shards" and new == 0:
-      continue
     if not _is_operational(key):
       use = ("leave out --config: the run's own settings are read from its config.json" if reading
              else "use the saved value, or a fresh --workdir for a new run")
       raise UsageError(
           f"--config.{key}={new!r} differs from the run in {workdir}, which has {old!r} "
           f"({CONFIG_FILENAME}); it changes what the run computes: {use}")
-  return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()
-          if not (k == "data_shards" and new == 0)]
+  return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()]
 
 
 def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -284,9 +284,12 @@ class EvalBatches:
       out[k] = block
     return out
 
-  def zeros(self) -> dict[str, np.ndarray]:
-    blocks = [self._pad(None) for _ in self._datasets]
+  def _join(self, parts) -> dict[str, np.ndarray]:
+    blocks = [self._pad(p) for p in parts]
     return {k: np.concatenate([b[k] for b in blocks]) for k in self._features}
+
+  def zeros(self) -> dict[str, np.ndarray]:
+    return self._join([None] * len(self._datasets))
 
   def __iter__(self):
     iterators = [ds.as_numpy_iterator() for ds in self._datasets]
@@ -294,8 +297,7 @@ class EvalBatches:
       parts = [next(it, None) for it in iterators]
       if all(p is None for p in parts):
         return
-      blocks = [self._pad(p) for p in parts]
-      yield {k: np.concatenate([b[k] for b in blocks]) for k in self._features}
+      yield self._join(parts)
 
 
 def eval_dataset(data: Data, config: ml_collections.ConfigDict,
