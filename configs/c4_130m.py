@@ -13,9 +13,7 @@ def get_config():
   c = base.defaults()
   c.task = "c4_pause"
   c.tfds_data_dir = "gs://YOUR_BUCKET/tensorflow_datasets"
-  c.vocab_path = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
   c.seq_len = 2048
-  c.pause.rate = 0.1
   c.global_batch_size = 512
   c.num_train_steps = 200_000
   c.log_every_steps = 100

@@ -10,7 +10,6 @@ def get_config():
   c = base.defaults()
   c.task = "shakespeare_pause"
   c.seq_len = 256
-  c.pause.rate = 0.1
   c.global_batch_size = 8
   c.num_train_steps = 200
   c.log_every_steps = 10

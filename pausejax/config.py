@@ -41,10 +41,13 @@ NONFINITE_CHOICES = ("stop", "skip")
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Data.
-  c.task = "shakespeare_pause"      # A task registered with pausejax.tasks.
-  c.eval_task = ""                  # Held-out split of this task ("" = same as `task`).
-  c.tfds_data_dir = ""              # Where TFDS datasets live ("" = TFDS default, ~/tensorflow_datasets).
-  c.vocab_path = ""                 # SentencePiece model ("" = the embedded Shakespeare 8k model).
+  c.task = "shakespeare_pause"      # Any registered seqio Task or Mixture (pausejax.registry).
+  c.eval_task = ""                  # Its "validation" split is scored ("" = same as `task`).
+  c.task_modules = ""               # Modules that register your tasks, comma-separated.
+  c.tfds_data_dir = ""              # Where TFDS datasets live ("" = where each task says).
+  # The task's SentencePiece model ("" = the task's own). pausejax's downstream tasks take this
+  # one (default: the embedded Shakespeare 8k model); any other task must match it.
+  c.vocab_path = ""
   c.seq_len = 256
   c.pack = False                    # Chunks are already exactly seq_len long; packing adds segment ids.
   # The data is split into this many disjoint shards, read by the processes in equal contiguous
@@ -54,7 +57,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data_shards = 0
   c.debug_input_digests = False     # Digest of every example fed -> workdir/input_digests/.
   c.pause = ml_collections.ConfigDict()
-  c.pause.rate = 0.1                # PausePT: round(rate * seq_len) pauses per chunk, then trim.
+  # PausePT: round(rate * seq_len) pauses per chunk, then trim. Set once: a `*_pause` task sets
+  # its own (leave this unset); a task without a pause step takes this (unset: no pauses).
+  c.pause.rate = ml_collections.config_dict.placeholder(float)
   # Fine-tuning on (inputs, targets) tasks: prompt + num_finetune pauses + answer, loss on the
   # answer only. "append" puts the pauses after the prompt (the paper's), "prepend" before it.
   c.pause.num_finetune = 0
@@ -122,14 +127,13 @@ def _is_int(v) -> bool:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises UsageError (one line: setting, bad value, what is valid) for the first bad setting."""
   rate = c.pause.rate
-  _check(isinstance(rate, (int, float)) and 0.0 <= rate < 1.0, "pause.rate", rate,
-         "a fraction in [0, 1), e.g. 0.1 for the paper's PausePT")
+  _check(rate is None or isinstance(rate, (int, float)) and 0.0 <= rate < 1.0, "pause.rate",
+         rate, "unset (the task's rate), or a fraction in [0, 1) for a task without a pause "
+         "step, e.g. 0.1 for the paper's PausePT")
   _check(_is_int(c.seq_len) and c.seq_len >= 2, "seq_len", c.seq_len,
          "an integer >= 2 (the paper uses 2048)")
-  # At least one real token per chunk: L - pause.num_pauses(rate, L) >= 1, which (num_pauses
-  # rounds half up) is rate * L + 0.5 < L. Written out so validation needs no TensorFlow.
-  _check(rate * c.seq_len + 0.5 < c.seq_len, "seq_len", c.seq_len,
-         f"too short to keep any real token at pause.rate={rate}")
+  _check(isinstance(c.get("task_modules", ""), str), "task_modules", c.get("task_modules"),
+         "module names separated by commas")
   m_ft = c.pause.num_finetune
   _check(_is_int(m_ft) and m_ft >= 0, "pause.num_finetune", m_ft,
          "a non-negative integer (pauses between prompt and answer when fine-tuning)")

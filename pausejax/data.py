@@ -1,9 +1,14 @@
 """The input pipeline: a config in, batches of seqio model features out.
 
-    task recipe (tasks.py) --built with vocab_path, pause.rate, tfds_data_dir--> seqio.Task
-      -> Task.get_dataset(split, seed, ShardInfo(s, K))  one shard only
-      -> PauseLMFeatureConverter                         decoder_* features, no loss on pause targets
+    config.task --registry.resolve--> the run's seqio Task(s): a Task, or a Mixture's tasks
+      -> Task.get_dataset(split, seed, ShardInfo(s, K))  one shard only, per task
+      -> PauseLM/PauseFT FeatureConverter                decoder_* features, no loss on pauses
+      -> (a Mixture) sample the tasks at their rates     each row tagged with its task
       -> batch(global_batch_size / K)
+
+A Mixture's tasks are converted before they are mixed (with `pack`, a packed row holds one task's
+examples), so every row has a task index: `ShardedIterator` counts the rows of each task, and
+training logs them. Sampling is a `tf.data` op, so a mixture's position is checkpointed too.
 
 Multi-host input. The data is split into K = `data_shards` disjoint shards (0: one per process),
 and row block s of every global batch comes from shard s. Each process reads only the shards
@@ -30,25 +35,25 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from pausejax import corpus
-from pausejax import downstream
 from pausejax import pause
+from pausejax import readers
+from pausejax import registry
 from pausejax import specials
-from pausejax import tasks
+from pausejax.errors import RunError
 from pausejax.errors import UsageError
 
 # TF must not grab accelerators or threads that JAX needs.
 tf.config.set_visible_devices([], "GPU")
+
+TASK_INDEX = "task_index"  # Which task of a mixture a row comes from; never fed to the model.
 
 
 @dataclasses.dataclass
 class Data:
   """Everything the training loop needs to know about its data."""
   vocabulary: specials.SpecialsVocabulary
-  train_task: seqio.Task
-  eval_task: seqio.Task
-  train_split: str
-  eval_split: str
+  train: registry.RunTask
+  eval: registry.RunTask
   converter: seqio.FeatureConverter  # PauseLM (pretraining) or PauseFT (fine-tuning).
   feature_lengths: dict[str, int]    # Task feature lengths: {"targets": L} or inputs + targets.
 
@@ -58,65 +63,41 @@ class Data:
 
 
 def vocab_path(config: ml_collections.ConfigDict) -> str:
-  return config.vocab_path or corpus.DEFAULT_VOCAB_PATH
+  """The run's SentencePiece model: `vocab_path`, else its task's."""
+  return registry.vocab_path(config)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Data:
   """Resolves tasks and vocabulary and checks the data exists. Raises UsageError, writes nothing.
 
-  A pretraining task (tasks.py) gives the PausePT stream; a downstream task (downstream.py) gives
-  PauseFT examples, `prompt + pause.num_finetune x <pause> + answer`, loss on the answer only.
+  A pretraining task gives the PausePT stream; a fine-tuning task ("inputs" and "targets", e.g.
+  a downstream task of downstream.py) gives PauseFT examples, `prompt + pause.num_finetune x
+  <pause> + answer`, loss on the answer only. See `registry` for what is added to a task.
   """
-  vocabulary = specials.load_vocabulary(vocab_path(config))
-  data_dir = config.tfds_data_dir or None
-  if downstream.recipe(config.task) is not None:
-    return _prepare_finetuning(config, vocabulary, data_dir)
-  train_recipe = tasks.resolve(config.task, setting="task")
-  eval_recipe = tasks.resolve(config.eval_task or config.task, setting="eval_task")
-  for r in {train_recipe.name: train_recipe, eval_recipe.name: eval_recipe}.values():
-    if r.tfds_name:
-      corpus.ensure_prepared(r.tfds_name, data_dir)
-  build = dict(pause_rate=config.pause.rate, tfds_data_dir=data_dir)
-  return Data(
-      vocabulary=vocabulary,
-      train_task=train_recipe.build(vocabulary, **build),
-      eval_task=eval_recipe.build(vocabulary, **build),
-      train_split=train_recipe.train_split,
-      eval_split=eval_recipe.eval_split,
-      converter=pause.PauseLMFeatureConverter(vocabulary.pause_id, pack=config.pack),
-      feature_lengths={"targets": config.seq_len},
-  )
-
-
-def _prepare_finetuning(config, vocabulary, data_dir) -> Data:
-  train_recipe = downstream.resolve(config.task, setting="task")
-  eval_name = config.eval_task or config.task
-  if downstream.recipe(eval_name) is None:
-    raise UsageError.setting("eval_task", eval_name, "a downstream task like `task` (fine-tuning "
-                             f"evaluates the answer loss); registered: "
-                             f"{', '.join(downstream.downstream_task_names())}")
-  eval_recipe = downstream.resolve(eval_name, setting="eval_task")
-  m_ft, targets_len = config.pause.num_finetune, config.targets_len
-  if targets_len + m_ft >= config.seq_len:
-    raise UsageError.setting(
-        "targets_len", targets_len, f"less than seq_len - pause.num_finetune = "
-        f"{config.seq_len - m_ft}, so every prompt keeps at least one token")
-  for r in (train_recipe, eval_recipe):
-    r.ensure_prepared(data_dir)
-  # The eval split is built like the training one: its loss is the answer loss, teacher-forced.
-  # Generation metrics (exact match, ...) come from `python -m pausejax.evaluate`.
-  pauses = [pause.finetune_pause_preprocessor(m_ft, config.pause.position)]
-  build = dict(mode="train", tfds_data_dir=data_dir, extra_preprocessors=pauses)
-  return Data(
-      vocabulary=vocabulary,
-      train_task=train_recipe.build(vocabulary, **build),
-      eval_task=eval_recipe.build(vocabulary, **build),
-      train_split=train_recipe.train_split,
-      eval_split=eval_recipe.eval_split,
-      converter=pause.PauseFTFeatureConverter(vocabulary.pause_id, pack=config.pack,
-                                              prefix_lm=config.prefix_lm),
-      feature_lengths={"inputs": config.seq_len - targets_len, "targets": targets_len},
-  )
+  train = registry.resolve(config, "task")
+  evaluation = registry.resolve(config, "eval_task")
+  if evaluation.kind != train.kind:
+    raise UsageError.setting("eval_task", evaluation.name, f"a {train.kind} task like `task` "
+                             f"{train.name} (it is a {evaluation.kind} task)")
+  if specials.model_file(evaluation.vocabulary) != specials.model_file(train.vocabulary):
+    raise UsageError.setting("eval_task", evaluation.name,
+                             f"a task with the vocabulary of {train.name}")
+  if train.kind == registry.PRETRAINING:
+    converter = pause.PauseLMFeatureConverter(train.vocabulary.pause_id, pack=config.pack)
+    lengths = {"targets": config.seq_len}
+  else:
+    m_ft, targets_len = config.pause.num_finetune, config.targets_len
+    if targets_len + m_ft >= config.seq_len:
+      raise UsageError.setting(
+          "targets_len", targets_len, f"less than seq_len - pause.num_finetune = "
+          f"{config.seq_len - m_ft}, so every prompt keeps at least one token")
+    # The eval split is built like the training one: its loss is the answer loss,
+    # teacher-forced. Generation metrics (exact match, ...) come from `pausejax.evaluate`.
+    converter = pause.PauseFTFeatureConverter(train.vocabulary.pause_id, pack=config.pack,
+                                              prefix_lm=config.prefix_lm)
+    lengths = {"inputs": config.seq_len - targets_len, "targets": targets_len}
+  return Data(vocabulary=train.vocabulary, train=train, eval=evaluation, converter=converter,
+              feature_lengths=lengths)
 
 
 def num_shards(config: ml_collections.ConfigDict) -> int:
@@ -136,22 +117,36 @@ def _shard_dataset(data: Data, config: ml_collections.ConfigDict, shard: seqio.S
                    train: bool, batch_size: int) -> tf.data.Dataset:
   """One shard's batches. Training drops a last partial batch (it repeats forever anyway);
   evaluation keeps it, so the whole split is scored (`EvalBatches` pads it)."""
-  # Every shard uses the same seed: when seqio shards by example (fewer files than shards), the
-  # shards are disjoint only if they all see the source in the same order.
-  task = data.train_task if train else data.eval_task
+  run_task = data.train if train else data.eval
   lengths = data.feature_lengths
-  ds = task.get_dataset(
-      sequence_length=lengths,
-      split=data.train_split if train else data.eval_split,
-      shuffle=train,
-      seed=config.seed if train else 0,
-      shard_info=shard,
-      num_epochs=None if train else 1,  # Training repeats forever; eval is one pass.
-      use_cached=False,
-      # No in-memory cache: it would be written into every data-iterator checkpoint.
-      try_in_mem_cache=False,
-  )
-  ds = data.converter(ds, lengths)
+  datasets = []
+  for index, part in enumerate(run_task.parts):
+    # Every shard uses the same seed: when seqio shards by example (fewer files than shards),
+    # the shards are disjoint only if they all see the source in the same order.
+    ds = part.task.get_dataset(
+        sequence_length=lengths,
+        split=part.split,
+        shuffle=train,
+        seed=config.seed if train else 0,
+        shard_info=shard,
+        num_epochs=None if train else 1,  # Training repeats forever; eval is one pass.
+        use_cached=False,
+        # No in-memory cache: it would be written into every data-iterator checkpoint.
+        try_in_mem_cache=False,
+    )
+    ds = data.converter(ds, lengths)
+    if run_task.is_mixture:
+      ds = ds.map(lambda ex, i=index: {**ex, TASK_INDEX: tf.constant(i, tf.int32)})
+    datasets.append(ds)
+  if run_task.is_mixture:
+    # Each shard draws its own sequence of tasks; evaluation reads every task to its end.
+    weights = [p.weight for p in run_task.parts]
+    ds = tf.data.Dataset.sample_from_datasets(
+        datasets, weights=[w / sum(weights) for w in weights],
+        seed=(config.seed if train else 0) * 1_000_003 + shard.index,
+        stop_on_empty_dataset=False)
+  else:
+    ds = datasets[0]
   ds = ds.batch(batch_size, drop_remainder=train)
   if not train and config.num_eval_steps:
     ds = ds.take(config.num_eval_steps)
@@ -220,19 +215,37 @@ class ShardedIterator:
   """
 
   def __init__(self, shard_iterators: dict[int, Any], num_shards: int,
-               digest_path: str | None = None):
+               digest_path: str | None = None, num_tasks: int = 1):
     self.shard_iterators = dict(sorted(shard_iterators.items()))
     self.num_shards = num_shards
     self._digest_path = digest_path
     self._draws = 0
+    self._task_rows = np.zeros(num_tasks, np.int64)
     if digest_path:
       tf.io.gfile.makedirs(os.path.dirname(digest_path))
 
   def __iter__(self):
     return self
 
+  def _next(self, shard: int, iterator) -> dict[str, np.ndarray]:
+    try:
+      batch = to_numpy(next(iterator))
+    except StopIteration:
+      raise RunError(f"data shard {shard} of {self.num_shards} has no training examples (an "
+                     "empty file, or fewer documents than shards)") from None
+    except tf.errors.OpError as e:
+      raise RunError(f"the training data cannot be read: {readers.error_line(e)}") from None
+    if TASK_INDEX in batch:
+      self._task_rows += np.bincount(batch.pop(TASK_INDEX), minlength=len(self._task_rows))
+    return batch
+
+  def take_task_rows(self) -> np.ndarray:
+    """Rows of each task of the mixture read by this process since the last call."""
+    rows, self._task_rows = self._task_rows, np.zeros_like(self._task_rows)
+    return rows
+
   def __next__(self) -> dict[str, np.ndarray]:
-    parts = {s: to_numpy(next(it)) for s, it in self.shard_iterators.items()}
+    parts = {s: self._next(s, it) for s, it in self.shard_iterators.items()}
     first = next(iter(parts.values()))
     batch = first if len(parts) == 1 else {
         k: np.concatenate([p[k] for p in parts.values()]) for k in first}
@@ -253,7 +266,7 @@ def train_iterator(data: Data, config: ml_collections.ConfigDict, shard_plan: Sh
                              batch_size=shard_plan.rows_per_shard))
       for s in shard_plan.shards}
   path = digest_dir and os.path.join(digest_dir, f"process_{jax.process_index()}.jsonl")
-  return ShardedIterator(iterators, shard_plan.num_shards, path)
+  return ShardedIterator(iterators, shard_plan.num_shards, path, len(data.train.parts))
 
 
 class EvalBatches:
@@ -273,7 +286,8 @@ class EvalBatches:
         for s in shard_plan.shards]
     self._rows = shard_plan.rows_per_shard
     spec = self._datasets[0].element_spec
-    self._features = {k: (v.shape[1:], v.dtype.as_numpy_dtype) for k, v in spec.items()}
+    self._features = {k: (v.shape[1:], v.dtype.as_numpy_dtype) for k, v in spec.items()
+                      if k != TASK_INDEX}
 
   def _pad(self, part: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     out = {}
@@ -294,7 +308,10 @@ class EvalBatches:
   def __iter__(self):
     iterators = [ds.as_numpy_iterator() for ds in self._datasets]
     while True:
-      parts = [next(it, None) for it in iterators]
+      try:
+        parts = [next(it, None) for it in iterators]
+      except tf.errors.OpError as e:
+        raise RunError(f"the eval data cannot be read: {readers.error_line(e)}") from None
       if all(p is None for p in parts):
         return
       yield self._join(parts)

@@ -333,9 +333,8 @@ def register_downstream_task(
     raise UsageError.setting("kind", kind, f"one of {', '.join(KINDS)}")
   if sum(x is not None for x in (tfds_name, files, source)) != 1:
     raise ValueError("give exactly one of tfds_name=, files= or source=")
-  from pausejax import tasks  # Deferred: keeps this module importable without the corpus.
-  if name in tasks.pretraining_task_names():
-    raise ValueError(f"{name!r} is already a pretraining task")
+  if name in seqio.TaskRegistry.names() and name not in _RECIPES:
+    raise ValueError(f"{name!r} is already a registered seqio task")
   specs = tuple(DEFAULT_METRICS[kind] if metric_fns is None else metric_fns)
   resolve_metrics(specs, kind)  # Unknown names fail here, at registration.
   if tfds_name is not None:

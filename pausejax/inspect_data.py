@@ -1,9 +1,10 @@
 r"""Show what a task feeds the model.
 
     python -m pausejax.inspect_data --config=configs/tiny.py [--num_examples=3] [--json]
-        [--split=train|validation] [--config.pause.rate=0.2]
+        [--split=train|validation] [--config.task=my_task --config.pause.rate=0.2]
 
-Readable view (default): each example's target text with `<pause>` visible, plus counts.
+Readable view (default): the task and the pause rate it is read with, then each example's target
+text with `<pause>` visible, plus counts (the task line goes to stderr with `--json`).
 `--json`: one object per line with the model features as int lists under seqio's names
 (`decoder_target_tokens`, `decoder_input_tokens`, `decoder_loss_weights`, and
 `decoder_segment_ids` / `decoder_positions` when packed), `pause_id`, and `text`.
@@ -73,6 +74,9 @@ def main(argv):
     raise UsageError.setting("--num_examples", _NUM.value, "a positive integer")
   config_lib.validate(config)
   data, exs = examples(config, _NUM.value, train=_SPLIT.value == "train")
+  run_task = data.train if _SPLIT.value == "train" else data.eval
+  print(f"task {run_task.describe()}, split {run_task.parts[0].split}",
+        file=sys.stderr if _JSON.value else sys.stdout)
   for i, ex in enumerate(exs):
     sys.stdout.write(json.dumps(to_json(ex, data)) + "\n" if _JSON.value else readable(i, ex, data))
   sys.stdout.flush()

@@ -1,7 +1,8 @@
 """The pause-token method (Goyal et al. 2023, "Think before you speak"), all in one place.
 
 Pause-pretraining (PausePT): take the standard packed chunk of L tokens, insert
-`num_pauses(rate, L)` `<pause>` tokens at uniformly random positions, then trim back to L. The
+`num_pauses(rate, L)` `<pause>` tokens at uniformly random positions, then trim back to L (an
+example shorter than L, from a task that does not pack, gets `num_pauses(rate, n)`). The
 model therefore sees about `rate` fewer real tokens for the same compute, and the real tokens of a
 paused chunk are exactly a prefix of the unpaused chunk.
 
@@ -25,8 +26,8 @@ def num_pauses(rate: float, length: int) -> int:
   return int(math.floor(rate * length + 0.5))
 
 
-def insert_pauses(tokens_L: tf.Tensor, *, count: int, pause_id: int, seed: tf.Tensor,
-                  trim: bool = True) -> tf.Tensor:
+def insert_pauses(tokens_L: tf.Tensor, *, count: int | tf.Tensor, pause_id: int,
+                  seed: tf.Tensor, trim: bool = True) -> tf.Tensor:
   """Inserts `count` pause ids at uniformly random positions of `tokens_L`, then trims to L.
 
   Every placement of the pauses among the L + count slots is equally likely: the pause slots are the
@@ -35,7 +36,7 @@ def insert_pauses(tokens_L: tf.Tensor, *, count: int, pause_id: int, seed: tf.Te
 
   Args:
     tokens_L: int32 [L] token ids.
-    count: number of pauses to insert (before trimming).
+    count: number of pauses to insert (before trimming); a Python int or an int32 scalar.
     pause_id: the `<pause>` id.
     seed: int [2] stateless seed.
     trim: False returns all L + count tokens (for inspection and tests).
@@ -44,7 +45,7 @@ def insert_pauses(tokens_L: tf.Tensor, *, count: int, pause_id: int, seed: tf.Te
     that land past position L are trimmed away with the tail, so a chunk keeps count * L / (L +
     count) pauses on average, as in the paper's insert-then-trim recipe.
   """
-  if count == 0:
+  if isinstance(count, int) and count == 0:
     return tokens_L
   length = tf.shape(tokens_L)[0]
   total = length + count
@@ -75,16 +76,18 @@ def insert_pauses_preprocessor(
     rate: float,
     key: str = "targets",
 ) -> tf.data.Dataset:
-  """SeqIO preprocessor: PausePT insertion on chunks of `sequence_length[key]` tokens.
+  """SeqIO preprocessor: PausePT insertion, `num_pauses(rate, n)` pauses per example of n tokens.
 
-  The count is `num_pauses(rate, L)` with L the task's sequence length, so every full chunk gets the
-  same number of pauses (about 205 for L = 2048 at rate 0.1). Each example gets its own seed from
+  An example is first cut to L = `sequence_length[key]` tokens (the feature converter would cut
+  it there anyway), so n <= L. pausejax's tasks give chunks of exactly L tokens, so every chunk
+  gets the same count (about 205 for L = 2048 at rate 0.1); a task of shorter examples (e.g.
+  unpacked lines) gets the same rate, not the same count. Each example gets its own seed from
   seqio's per-preprocessor seed stream (`map_over_dataset(num_seeds=1)`), so results are
   deterministic given the seed passed to `Task.get_dataset` and independent across examples.
   With rate 0 the dataset is returned untouched.
   """
-  count = num_pauses(rate, sequence_length[key])
-  if count == 0:
+  length = sequence_length[key] if sequence_length else None
+  if num_pauses(rate, length or 1_000_000) == 0:
     return ds
   pause_id = _pause_id(output_features, key)
 
@@ -92,13 +95,17 @@ def insert_pauses_preprocessor(
   def insert(features, seed):
     features = dict(features)
     seed = tf.cast(tf.stack(seed) if isinstance(seed, (tuple, list)) else seed, tf.int64)
+    tokens_N = features[key] if length is None else features[key][:length]
+    size = tf.size(tokens_N)
+    # num_pauses(rate, n) in TF: the same float64 product and rounding as the Python function.
+    count = tf.cast(tf.floor(rate * tf.cast(size, tf.float64) + 0.5), tf.int32)
     # seqio's seed stream depends on the example's index only, and every data shard uses the
     # same task seed (data.py); mixing in the chunk's content gives different pause positions to
     # the i-th chunks of different shards, and is still a pure function of the data and seed.
-    tokens = tf.cast(features[key], tf.int64)
+    tokens = tf.cast(tokens_N, tf.int64)
     weights = tf.range(1, tf.size(tokens, out_type=tf.int64) + 1) * 2654435761
     seed = tf.stack([seed[0], tf.bitwise.bitwise_xor(seed[1], tf.reduce_sum(tokens * weights))])
-    features[key] = insert_pauses(features[key], count=count, pause_id=pause_id, seed=seed)
+    features[key] = insert_pauses(tokens_N, count=count, pause_id=pause_id, seed=seed)
     return features
 
   return insert(ds)
@@ -107,6 +114,30 @@ def insert_pauses_preprocessor(
 def pause_preprocessor(rate: float, key: str = "targets"):
   """`insert_pauses_preprocessor` with its rate bound, ready for a Task's preprocessor list."""
   return functools.partial(insert_pauses_preprocessor, rate=rate, key=key)
+
+
+def rate_of(task: seqio.Task) -> float:
+  """The PausePT rate of `task`'s pause step (`pause_preprocessor`), or 0.0 if it has none."""
+  rates = [p.keywords["rate"] for p in task.preprocessors
+           if isinstance(p, functools.partial) and p.func is insert_pauses_preprocessor]
+  if len(rates) > 1:
+    raise ValueError(f"task {task.name!r} inserts pauses {len(rates)} times")
+  return float(rates[0]) if rates else 0.0
+
+
+def with_steps(task: seqio.Task, steps, *, name: str | None = None,
+               output_features: Mapping[str, seqio.Feature] | None = None) -> seqio.Task:
+  """An unregistered copy of `task` for training and eval loss, with `steps` appended to its
+  preprocessors (so after its own, just before the feature converter), optionally with other
+  output features. Its metrics are not copied: they belong to `pausejax.evaluate`."""
+  return seqio.Task(
+      name=name or task.name,
+      source=task.source,
+      preprocessors=[*task.preprocessors, *steps],
+      output_features=dict(output_features or task.output_features),
+      postprocess_fn=task.postprocessor,
+      shuffle_buffer_size=task.shuffle_buffer_size,
+  )
 
 
 class PauseLMFeatureConverter(seqio.LMFeatureConverter):

@@ -1,18 +1,22 @@
 """Reading users' files: JSON lines and plain text, local or gs://, optionally gzipped.
 
-One reader for every file-backed task (pretraining corpora in `tasks.py`, downstream sets in
-`downstream.py`), so a bad file reads the same way everywhere: one line naming the file, and for
-JSON lines the line number.
+Pretraining corpora (`tasks.register_pretraining_task`) are streamed: `file_source` is a seqio
+source that reads them line by line inside `tf.data`, sharded by file. Downstream sets
+(`downstream.py`, small) are read whole with `jsonl_records`. Either way a bad file reads the
+same: one line naming the file, and for JSON lines the line number (`error_line` recovers it
+from the `tf.data` error of a stream).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
+import seqio
 import tensorflow as tf
 
 from pausejax.errors import UsageError
@@ -63,17 +67,92 @@ def _records(path: str) -> Iterator[tuple[str, Any]]:
       raise UsageError(f"{where} is not JSON ({e.msg})") from None
 
 
-def documents(pattern: str, text_key: str) -> list[str]:
-  """Documents from .jsonl (the `text_key` field of each line) and .txt files (split at blank
-  lines), optionally .gz, in file order."""
-  docs = []
-  for path in paths(pattern):
-    if is_jsonl(path):
-      for where, obj in _records(path):
-        if not isinstance(obj, dict) or text_key not in obj:
-          got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-          raise UsageError(f"{where} has no {text_key!r} field (got {got})")
-        docs.append(str(obj[text_key]))
-    else:
-      docs.extend(d.strip() for d in re.split(r"\n\s*\n", read_text(path)) if d.strip())
-  return docs
+# ---------------------------------------------------------------------------------------------
+# Streaming: the same formats as a seqio source that reads files one line at a time.
+
+def _compression(path: tf.Tensor) -> tf.Tensor:
+  return tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
+
+
+def _jsonl_text(text_key: str):
+  """(path, index, line) -> the line's `text_key` field, UTF-8; a bad line raises naming it."""
+  def parse(path: bytes, index: int, line: bytes) -> bytes:
+    where = f"{path.decode('utf-8', 'replace')}:{index + 1}"
+    try:
+      obj = json.loads(line)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8.
+      raise ValueError(f"{where} is not JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(obj, dict) or text_key not in obj:
+      got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+      raise ValueError(f"{where} has no {text_key!r} field (got {got})")
+    return str(obj[text_key]).encode("utf-8")
+  return parse
+
+
+def _read_jsonl(path: tf.Tensor, text_key: str) -> tf.data.Dataset:
+  parse = _jsonl_text(text_key)
+  lines = tf.data.TextLineDataset(path, compression_type=_compression(path)).enumerate()
+  lines = lines.filter(lambda i, line: tf.strings.length(tf.strings.strip(line)) > 0)
+  # A pure function of its inputs (stateful=False), so the iterator position stays
+  # checkpointable for an exact resume.
+  return lines.map(lambda i, line: {text_key: tf.ensure_shape(tf.numpy_function(
+      parse, [path, i, line], tf.string, stateful=False), [])})
+
+
+def _read_text(path: tf.Tensor, text_key: str) -> tf.data.Dataset:
+  """Documents of a text file: runs of lines between blank lines, stripped."""
+  lines = tf.data.TextLineDataset(path, compression_type=_compression(path))
+  lines = lines.concatenate(tf.data.Dataset.from_tensors(tf.constant("")))  # Ends the last one.
+
+  def step(doc, line):
+    blank = tf.strings.length(tf.strings.strip(line)) == 0
+    joined = tf.where(tf.strings.length(doc) == 0, line, tf.strings.join([doc, line], "\n"))
+    return tf.where(blank, "", joined), (tf.strings.strip(doc), blank)
+
+  docs = lines.scan(tf.constant(""), step)
+  docs = docs.filter(lambda doc, ended: ended & (tf.strings.length(doc) > 0))
+  return docs.map(lambda doc, ended: {text_key: doc})
+
+
+def file_source(files: Mapping[str, str], text_key: str = "text") -> seqio.DataSource:
+  """A seqio source over text or JSON-lines files (split -> glob; local or gs://; .gz or not).
+
+  Files are read line by line as a stream, never whole. With at least as many files as data
+  shards each shard reads its own files (seqio's file sharding); with fewer, every shard reads
+  them all and keeps its share of the examples. A JSON-lines pattern (`.jsonl`/`.json` in it)
+  gives each line's `text_key` field; any other gives documents separated by blank lines.
+  """
+  def reader(jsonl: bool):
+    return functools.partial(_read_jsonl if jsonl else _read_text, text_key=text_key)
+
+  return FileSplits({split: seqio.FileDataSource(reader(is_jsonl(pattern)), {split: pattern})
+                        for split, pattern in files.items()}, files)
+
+
+class FileSplits(seqio.DataSource):
+  """One seqio source per split (each split may be text or JSON lines)."""
+
+  def __init__(self, sources: Mapping[str, seqio.FileDataSource], patterns: Mapping[str, str]):
+    self._sources = dict(sources)
+    self.patterns = dict(patterns)  # split -> glob, for a check that the files exist.
+    super().__init__(splits=list(sources), caching_permitted=True)
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return False
+
+  def list_shards(self, split: str) -> list[str]:
+    return list(self._sources[split].list_shards(split))
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, **kwargs) -> tf.data.Dataset:
+    del kwargs
+    return self._sources[split].get_dataset(split=split, shuffle=shuffle, seed=seed,
+                                            shard_info=shard_info)
+
+
+
+def error_line(e: tf.errors.OpError) -> str:
+  """The one line that says why a `tf.data` pipeline failed (e.g. a file's bad JSON line)."""
+  found = re.search(r"(?:ValueError|UsageError): (.+)", e.message)
+  return found.group(1).strip() if found else e.message.strip().splitlines()[0]

@@ -158,3 +158,26 @@ def load_vocabulary(vocab_path: str) -> SpecialsVocabulary:
         "(the embedded default is pausejax/assets/spm/shakespeare_8k.model)")
   return SpecialsVocabulary(seqio.SentencePieceVocabulary(vocab_path))
 
+
+
+def with_specials(vocabulary: seqio.Vocabulary, *, where: str) -> SpecialsVocabulary:
+  """`vocabulary` as a `SpecialsVocabulary`: one already is, a SentencePiece one gets wrapped.
+
+  Anything else is a UsageError naming `where` (e.g. "task my_task, feature 'targets'"): the
+  special ids sit right after the base ids, which needs a base without extra ids.
+  """
+  if isinstance(vocabulary, SpecialsVocabulary):
+    return vocabulary
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary) and not vocabulary.extra_ids:
+    return SpecialsVocabulary(vocabulary)
+  got = type(vocabulary).__name__ + (f" with extra_ids={vocabulary.extra_ids}"
+                                     if getattr(vocabulary, "extra_ids", 0) else "")
+  raise UsageError(
+      f"{where} uses {got}; pausejax needs a seqio.SentencePieceVocabulary with extra_ids=0 "
+      "(pausejax adds <pause>, <sink> and <backspace> after its ids): register the task with "
+      "seqio.SentencePieceVocabulary(path) or pausejax.specials.load_vocabulary(path)")
+
+
+def model_file(vocabulary: SpecialsVocabulary) -> str:
+  """The SentencePiece model file behind `vocabulary`."""
+  return vocabulary.base.sentencepiece_model_file

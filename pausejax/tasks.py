@@ -1,25 +1,29 @@
-"""The SeqIO task registry: pretraining streams with and without pauses.
+"""pausejax's SeqIO tasks and mixtures for pretraining, and helpers to register your own.
 
-Registered on import (T5X style, `seqio.get_mixture_or_task(name)`):
+Registered on import as ordinary seqio Tasks (T5 style, `seqio.get_mixture_or_task(name)`):
 
-  shakespeare         the embedded public-domain corpus (`pausejax_shakespeare` TFDS dataset)
-  shakespeare_pause   the same with PausePT insertion at rate 0.1
-  c4                  TFDS `c4/en:3.1.0` (prepare it yourself; see README)
-  c4_pause            the same with PausePT insertion at rate 0.1
+  shakespeare            the embedded public-domain corpus (`pausejax_shakespeare` TFDS dataset)
+  shakespeare_pause      the same with PausePT insertion at rate 0.1
+  c4                     TFDS `c4/en:3.1.0` with T5's 32k vocabulary (prepare it yourself; README)
+  c4_pause               the same with PausePT insertion at rate 0.1
+  addition_lm            the embedded addition data as text ("123+45=168"), for mixing
+  shakespeare_addition   Mixture: shakespeare 9 : addition_lm 1
+  shakespeare_addition_pause   the same mixture of the tasks' `_pause` variants
 
-Each is: text -> tokenize -> EOS -> [cache point] -> concatenate and split into `seq_len` chunks ->
-insert pauses. Register your own corpus with `register_pretraining_task`.
+A pretraining task is: text -> tokenize -> [cache point] -> EOS -> concatenate and split into
+`seq_len` chunks -> (`_pause` tasks) insert pauses. The pause rate is part of the task: a task
+without a pause step gets one from `--config.pause.rate` (see `pausejax.registry`).
 
-`train.py` does not use the registered objects directly: it rebuilds the task from its recipe with
-the run's vocabulary (`vocab_path`), pause rate (`pause.rate`) and `tfds_data_dir`, so those three
-are config values rather than part of the task name.
+Any seqio Task or Mixture works as `config.task`, these are only pausejax's own. Helpers:
+`register_pretraining_task` (a corpus on TFDS or in text/JSON-lines files) and `with_pauses` (the
+pause variant of any registered Task or Mixture).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Mapping
+from typing import Mapping
 
 import seqio
 import tensorflow as tf
@@ -32,56 +36,32 @@ from pausejax import specials
 from pausejax.errors import UsageError
 
 PAUSE_RATE = 0.1  # The paper's PausePT rate: 10 % of the sequence length.
+# T5's SentencePiece model for C4 (32,000 pieces, no extra ids needed here). Read only when a C4
+# run starts: it lives on GCS, like C4 itself.
+C4_VOCAB_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """What a pretraining task is made of, so it can be rebuilt with other run settings."""
-  name: str
-  make_source: Callable[[str | None], seqio.DataSource]  # tfds_data_dir -> source
-  pause_rate: float
-  tfds_name: str | None = None  # Set for TFDS-backed tasks, which must be prepared before use.
-  text_key: str = "text"
-  train_split: str = "train"
-  eval_split: str = "validation"
-  shuffle_buffer_size: int = 10_000
-
-  def build(self, vocabulary: specials.SpecialsVocabulary, *, pause_rate: float | None = None,
-            tfds_data_dir: str | None = None) -> seqio.Task:
-    """An unregistered `seqio.Task` for this recipe with the given run settings."""
-    rate = self.pause_rate if pause_rate is None else pause_rate
-    return seqio.Task(
-        name=self.name,
-        source=self.make_source(tfds_data_dir),
-        preprocessors=[
-            functools.partial(preprocessors.text_to_targets, text_key=self.text_key),
-            seqio.preprocessors.tokenize,
-            seqio.CacheDatasetPlaceholder(),
-            seqio.preprocessors.append_eos,
-            preprocessors.concat_and_split,
-            pause.pause_preprocessor(rate),
-        ],
-        output_features={"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)},
-        shuffle_buffer_size=self.shuffle_buffer_size,
-    )
+def pretraining_steps(text_key: str = "text") -> list:
+  """The preprocessors of a pretraining stream, up to (not including) pause insertion."""
+  return [
+      functools.partial(preprocessors.text_to_targets, text_key=text_key),
+      seqio.preprocessors.tokenize,
+      seqio.CacheDatasetPlaceholder(),
+      seqio.preprocessors.append_eos,
+      preprocessors.concat_and_split,
+  ]
 
 
-_RECIPES: dict[str, Recipe] = {}
+def _vocabulary(vocab_path: str | None) -> specials.SpecialsVocabulary:
+  # Not loaded here: a remote model (C4's) is only read when a run uses the task.
+  return specials.SpecialsVocabulary(
+      seqio.SentencePieceVocabulary(vocab_path or corpus.DEFAULT_VOCAB_PATH))
 
 
-def _files_source(files: Mapping[str, str], text_key: str) -> seqio.DataSource:
-  """A seqio source over local/GCS text or JSONL files, held in memory (fine up to a few GB)."""
-  cache: dict[str, list[str]] = {}
-
-  def dataset_fn(split, shuffle_files, seed=None):
-    del shuffle_files, seed  # seqio shuffles examples after preprocessing.
-    if split not in cache:
-      cache[split] = readers.documents(files[split], text_key)
-      if not cache[split]:
-        raise UsageError(f"no documents found in {files[split]!r} for split {split!r}")
-    return tf.data.Dataset.from_tensor_slices({text_key: cache[split]})
-
-  return seqio.FunctionDataSource(dataset_fn, splits=list(files))
+def _register(task: seqio.Task) -> seqio.Task:
+  seqio.TaskRegistry.remove(task.name)
+  seqio.TaskRegistry.add_provider(task.name, task)
+  return task
 
 
 def register_pretraining_task(
@@ -93,78 +73,105 @@ def register_pretraining_task(
     pause_rate: float = 0.0,
     tfds_data_dir: str | None = None,
     vocab_path: str | None = None,
-    train_split: str = "train",
-    eval_split: str = "validation",
     shuffle_buffer_size: int = 10_000,
 ) -> seqio.Task:
-  """Registers a pretraining task on a TFDS dataset or on your own files.
+  """Registers a pretraining task on a TFDS dataset or on your own files; returns it.
 
-  Exactly one of `tfds_name` (e.g. "c4/en:3.1.0") or `files` (split -> file pattern of .jsonl,
-  .jsonl.gz, .txt or .txt.gz files; JSONL reads `text_key`, text files split documents at blank
-  lines) must be given. `pause_rate` > 0 gives the PausePT variant.
+  Exactly one of `tfds_name` (e.g. "c4/en:3.1.0") or `files` (split -> glob of .jsonl, .jsonl.gz,
+  .txt or .txt.gz files, local or gs://; JSON lines give their `text_key` field, text files split
+  documents at blank lines) must be given; runs read the "train" and "validation" splits. Files
+  are streamed, sharded by file where there are at least as many files as data shards.
+  `pause_rate` > 0 appends PausePT insertion (the `_pause` variant); `vocab_path` is a
+  SentencePiece model (default: the embedded one).
 
-  Example (a corpus of your own)::
+  Example (a corpus of your own, in a module your config imports or `--config.task_modules`)::
 
       from pausejax import tasks
       tasks.register_pretraining_task(
-          "my_corpus_pause",
-          files={"train": "/data/my/train-*.jsonl", "validation": "/data/my/val.jsonl"},
-          pause_rate=0.1)
+          "my_corpus", files={"train": "/data/my/train-*.jsonl.gz",
+                              "validation": "/data/my/val.jsonl"})
 
-  then train with `--config.task=my_corpus_pause` (from a module your config file imports).
-
-  Returns:
-    The registered `seqio.Task` (built with the embedded vocabulary unless `vocab_path` is given).
+  then `--config.task=my_corpus` (no pauses) or `... --config.pause.rate=0.1` (PausePT).
   """
   if (tfds_name is None) == (files is None):
     raise ValueError("give exactly one of tfds_name= or files=")
   if not 0.0 <= pause_rate < 1.0:
     raise UsageError.setting("pause_rate", pause_rate, "a fraction in [0, 1)")
   if tfds_name is not None:
-    def make_source(data_dir):
-      return seqio.TfdsDataSource(tfds_name, tfds_data_dir=data_dir or tfds_data_dir)
+    source = seqio.TfdsDataSource(tfds_name, tfds_data_dir=tfds_data_dir)
   else:
-    missing = {train_split, eval_split} - set(files)
+    missing = {"train", "validation"} - set(files)
     if missing:
       raise ValueError(f"files= needs patterns for splits {sorted(missing)}")
-
-    def make_source(data_dir):
-      del data_dir
-      return _files_source(files, text_key)
-
-  recipe = Recipe(name=name, make_source=make_source, pause_rate=pause_rate, tfds_name=tfds_name,
-                  text_key=text_key, train_split=train_split, eval_split=eval_split,
-                  shuffle_buffer_size=shuffle_buffer_size)
-  vocabulary = specials.load_vocabulary(vocab_path or corpus.DEFAULT_VOCAB_PATH)
-  task = recipe.build(vocabulary)
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add_provider(name, task)
-  _RECIPES[name] = recipe
-  return task
+    source = readers.file_source(files, text_key)
+  steps = pretraining_steps(text_key)
+  if pause_rate:
+    steps.append(pause.pause_preprocessor(pause_rate))
+  return _register(seqio.Task(
+      name=name, source=source, preprocessors=steps,
+      output_features={"targets": seqio.Feature(_vocabulary(vocab_path), add_eos=True,
+                                                dtype=tf.int32)},
+      shuffle_buffer_size=shuffle_buffer_size))
 
 
-def recipe(name: str) -> Recipe | None:
-  """The recipe of a task registered with `register_pretraining_task`, or None."""
-  return _RECIPES.get(name)
+def with_pauses(name: str, rate: float = PAUSE_RATE, *, new_name: str | None = None
+                ) -> seqio.Task | seqio.Mixture:
+  """Registers the pause variant of the registered Task or Mixture `name`; returns it.
+
+  A Task gets PausePT insertion at `rate` as its last preprocessing step (and the specials
+  vocabulary if it has a plain SentencePiece one); a Mixture is rebuilt from its tasks' variants
+  at the same mixing rates. Variants are named `new_name` (default `<name>_pause`); a mixture's
+  tasks get `<task>_pause`.
+  """
+  if not 0.0 < rate < 1.0:
+    raise UsageError.setting("rate", rate, "a fraction in (0, 1)")
+  new_name = new_name or f"{name}_pause"
+  provider = seqio.get_mixture_or_task(name)
+  if isinstance(provider, seqio.Mixture):
+    parts = [(with_pauses(t.name, rate).name, provider.get_rate(t)) for t in provider.tasks]
+    seqio.MixtureRegistry.remove(new_name)
+    return seqio.MixtureRegistry.add(new_name, parts)
+  if pause.rate_of(provider):
+    raise UsageError(f"task {name!r} already inserts pauses (rate {pause.rate_of(provider)})")
+  features = {k: dataclasses.replace(f, vocabulary=specials.with_specials(
+      f.vocabulary, where=f"task {name}, feature {k!r}")) for k, f in provider.output_features.items()}
+  return _register(pause.with_steps(provider, [pause.pause_preprocessor(rate)], name=new_name,
+                                    output_features=features))
 
 
-def pretraining_task_names() -> list[str]:
-  return sorted(_RECIPES)
+# ---------------------------------------------------------------------------------------------
+# Built-in tasks.
+
+def _addition_as_text(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """(inputs "12+34=", targets "46") -> one document "12+34=46"."""
+  return ds.map(lambda ex: {"text": tf.strings.join([ex["inputs"], ex["targets"]])},
+                num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def resolve(name: str, *, setting: str = "task") -> Recipe:
-  """The recipe for `name`, or a UsageError listing the valid names."""
-  if name in _RECIPES:
-    return _RECIPES[name]
-  raise UsageError.setting(
-      setting, name, f"unknown pretraining task; registered: {', '.join(pretraining_task_names())} "
-      "(register more with pausejax.tasks.register_pretraining_task)")
+def _register_addition_lm() -> None:
+  """`addition_lm`: a plain seqio Task with a preprocessor of its own, as a user would write it."""
+  from pausejax import downstream  # The addition examples live with the downstream tasks.
+  _register(seqio.Task(
+      name="addition_lm",
+      source=downstream.addition_source(),
+      preprocessors=[_addition_as_text, *pretraining_steps("text")],
+      output_features={"targets": seqio.Feature(_vocabulary(None), add_eos=True,
+                                                dtype=tf.int32)},
+      shuffle_buffer_size=10_000))
 
 
 def _register_defaults() -> None:
-  for base, tfds_name in (("shakespeare", corpus.EMBEDDED_TFDS_NAME), ("c4", "c4/en:3.1.0")):
-    register_pretraining_task(base, tfds_name=tfds_name, pause_rate=0.0)
-    register_pretraining_task(f"{base}_pause", tfds_name=tfds_name, pause_rate=PAUSE_RATE)
+  for base, tfds_name, vocab in (("shakespeare", corpus.EMBEDDED_TFDS_NAME, None),
+                                 ("c4", "c4/en:3.1.0", C4_VOCAB_PATH)):
+    register_pretraining_task(base, tfds_name=tfds_name, vocab_path=vocab)
+    register_pretraining_task(f"{base}_pause", tfds_name=tfds_name, vocab_path=vocab,
+                              pause_rate=PAUSE_RATE)
+  _register_addition_lm()
+  with_pauses("addition_lm")
+  for suffix in ("", "_pause"):
+    seqio.MixtureRegistry.remove(f"shakespeare_addition{suffix}")
+    seqio.MixtureRegistry.add(f"shakespeare_addition{suffix}",
+                              [(f"shakespeare{suffix}", 9.0), (f"addition_lm{suffix}", 1.0)])
 
 
 _register_defaults()

@@ -1,7 +1,7 @@
 r"""Pretrain (or fine-tune) a (pause-token) language model.
 
     python -m pausejax.train --config=configs/tiny.py --workdir=runs/tiny \
-        [--config.pause.rate=0.0] [--config.num_train_steps=500] ...
+        [--config.task=shakespeare] [--config.num_train_steps=500] ...
 
 Reads top to bottom: config -> data -> mesh, model, optimizer (`build`) -> input -> checkpoint
 -> loop.
@@ -150,6 +150,15 @@ class _FiniteGuard:
 
 # ----------------------------------------------------------------------------------------------
 
+def _task_rows(data: data_lib.Data, train_iter) -> dict[str, float]:
+  """Examples (rows) of each task of a mixture trained on since the last log, over all hosts."""
+  rows = train_iter.take_task_rows()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    rows = multihost_utils.process_allgather(rows.astype(np.int32)).sum(0)
+  return {f"examples/{p.name}": float(n) for p, n in zip(data.train.parts, rows)}
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # 1. Config: every bad value fails here, before anything is written. A resumed run must be
   # the saved one (config.json); a finished run is only reported again.
@@ -223,8 +232,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   flops_per_step = model_lib.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
   peak, peak_source = metrics.peak_flops_per_device()
   if lead:
-    print(f"pausejax: {num_params / 1e6:.2f}M params | task {config.task} | pause.rate "
-          f"{config.pause.rate} | mesh {dict(run_.mesh.shape)} | {jax.device_count()} "
+    print(f"pausejax: {num_params / 1e6:.2f}M params | task {data.train.describe()} | mesh "
+          f"{dict(run_.mesh.shape)} | {jax.device_count()} "
           f"{jax.devices()[0].device_kind} device(s) | workdir {workdir}", flush=True)
 
   # 6. Loop.
@@ -255,6 +264,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             "real_tokens_per_sec": real / dt,
             "mfu": metrics.mfu(flops_per_step, dt, jax.device_count(), peak),
         })
+        if data.train.is_mixture:
+          m.update(_task_rows(data, train_iter))
         logger.write(step, m)
         logger.progress(step, m)
         last = m
@@ -334,7 +345,7 @@ def define_flags() -> None:
   """Flags of the CLI only, so other modules can import this one and define their own."""
   config_flags.DEFINE_config_file(
       "config", None, "Path to a config file in configs/ (e.g. configs/tiny.py). Override any "
-      "key with --config.key=value, e.g. --config.pause.rate=0.0 for the no-pause baseline.")
+      "key with --config.key=value, e.g. --config.task=shakespeare for the no-pause baseline.")
   flags.DEFINE_string(
       "workdir", None, "Run directory (local path or gs://): metrics, TensorBoard, checkpoints. "
       "Re-running with the same workdir resumes.")

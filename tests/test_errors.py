@@ -43,24 +43,22 @@ def test_bad_seq_len(tfds_dir, tmp_path, seq_len):
 
 
 def test_seq_len_too_short_for_the_pause_rate(tfds_dir, tmp_path):
-  _expect_error(tiny_config(tfds_dir, seq_len=2, **{"pause.rate": 0.9}), tmp_path / "w",
-                "seq_len", "real token")
+  # num_pauses(0.75, 2) = 2 pauses would leave no real token; num_pauses(0.5, 2) = 1 leaves one.
+  _expect_error(tiny_config(tfds_dir, seq_len=2, task="shakespeare", **{"pause.rate": 0.75}),
+                tmp_path / "w", "seq_len", "real token")
+  from pausejax import data as data_lib
+  data_lib.prepare(tiny_config(tfds_dir, seq_len=2, task="shakespeare", **{"pause.rate": 0.5}))
 
 
-def test_seq_len_check_agrees_with_num_pauses():
-  from pausejax import config as config_lib
-  from pausejax import pause
-  for seq_len in range(2, 40):
-    for rate in (0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 0.9, 0.95, 0.99):
-      c = config_lib.defaults()
-      c.seq_len, c.pause.rate = seq_len, rate
-      keeps_a_token = seq_len - pause.num_pauses(rate, seq_len) >= 1
-      try:
-        config_lib.validate(c)
-        valid = True
-      except UsageError:
-        valid = False
-      assert valid == keeps_a_token, (seq_len, rate)
+def test_pause_rate_set_twice_is_refused(tfds_dir, tmp_path):
+  msg = _expect_error(tiny_config(tfds_dir, task="shakespeare_pause", **{"pause.rate": 0.2}),
+                      tmp_path / "w", "pause.rate=0.2", "leave it unset", "rate 0.1",
+                      "--config.task=shakespeare --config.pause.rate=0.2")
+  assert msg.startswith("pause.rate=0.2 is invalid")
+  # The task's own rate, given again, is no clash.
+  from pausejax import data as data_lib
+  data = data_lib.prepare(tiny_config(tfds_dir, task="shakespeare_pause", **{"pause.rate": 0.1}))
+  assert [p.pause_rate for p in data.train.parts] == [0.1]
 
 
 def test_unknown_task(tfds_dir, tmp_path):
@@ -127,8 +125,9 @@ def test_cli_exits_2_with_one_line(tfds_dir, tmp_path):
   r = _cli(["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
             f"--config.tfds_data_dir={tfds_dir}", "--config.pause.rate=1.5"])
   assert r.returncode == 2, r.stderr[-2000:]
-  assert _error_lines(r.stderr) == ["error: pause.rate=1.5 is invalid: a fraction in [0, 1), "
-                                    "e.g. 0.1 for the paper's PausePT"]
+  assert _error_lines(r.stderr) == [
+      "error: pause.rate=1.5 is invalid: unset (the task's rate), or a fraction in [0, 1) for a "
+      "task without a pause step, e.g. 0.1 for the paper's PausePT"]
   assert "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "w")
 

@@ -45,5 +45,15 @@ def test_json_packed_adds_segment_features(tfds_dir):
 
 def test_readable_view_shows_pauses(tfds_dir):
   out = _inspect(tfds_dir, "--num_examples=2", "--split=validation")
+  assert out.splitlines()[0] == ("task shakespeare_pause (pause rate 0.1, set by the task), "
+                                 "split validation")
   assert out.count("example ") == 2
   assert "<pause>" in out and "pause_id=8000" in out
+
+
+def test_readable_view_names_the_rate_actually_used(tfds_dir):
+  out = _inspect(tfds_dir, "--num_examples=1", "--config.task=shakespeare",
+                 "--config.pause.rate=0.2")
+  assert out.splitlines()[0] == "task shakespeare (pause rate 0.2, set by pause.rate), split train"
+  # 64-token chunks get round(0.2 * 64) = 13 pauses before the trim.
+  assert 0 < out.count("<pause>") <= 13

@@ -105,6 +105,25 @@ def test_two_hosts_train_like_one_host_and_read_disjoint_shards(two_hosts, tfds_
   assert fed_one == {0: {0: fed_two[0][0], 1: fed_two[1][1]}}
 
 
+@pytest.mark.slow
+def test_two_hosts_log_the_mixture_counts_of_the_whole_batch(tfds_dir, tmp_path):
+  """Each host counts its own rows of each task; the logged counts are the global batch's."""
+  mix = {"task": "shakespeare_addition_pause", "debug_input_digests": False}
+  two, one = tmp_path / "two", tmp_path / "one"
+  r = _on_hosts(2, 2, _train_argv(two, tfds_dir, **mix))
+  assert r.returncode == 0, r.stderr[-4000:]
+  r = _on_one_host(4, _train_argv(one, tfds_dir, data_shards=2, **mix))
+  assert r.returncode == 0, r.stderr[-4000:]
+
+  def counts(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [{k: v for k, v in json.loads(l).items() if k.startswith("examples/")} for l in f
+              if "train_loss" in l]
+  got = counts(two)
+  assert got == counts(one) and len(got) == 4
+  assert all(sum(c.values()) == 8 for c in got)  # Every row of each global batch, once.
+
+
 def _resume_from_step_2(two_hosts, tmp_path) -> pathlib.Path:
   """A copy of the 2-host run as if it had stopped after its step-2 checkpoint."""
   workdir = tmp_path / "resumed"

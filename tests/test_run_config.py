@@ -47,7 +47,8 @@ def test_first_start_saves_the_resolved_config(finished):
   config, workdir = finished
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["seed"] == 7 and saved["model"]["d_model"] == 64
-  assert saved["pause"] == {"rate": 0.1, "num_finetune": 3, "position": "prepend"}
+  # pause.rate stays unset: the task (shakespeare_pause) sets the rate.
+  assert saved["pause"] == {"rate": None, "num_finetune": 3, "position": "prepend"}
   assert saved["data_shards"] == 1  # Resolved: data_shards=0 is one shard per process.
   resolved = config.copy_and_resolve_references()
   resolved.data_shards = 1

@@ -1,4 +1,4 @@
-"""The SeqIO registry: registered tasks, the pause stream vs the standard stream, custom tasks."""
+"""pausejax's SeqIO tasks: registered tasks, the pause stream vs the standard stream, own files."""
 
 import json
 
@@ -27,20 +27,32 @@ def _vocab():
   return specials.load_vocabulary(corpus.DEFAULT_VOCAB_PATH)
 
 
+def _task(name, tfds_dir):
+  """The registered task, reading its TFDS data from `tfds_dir` (as `tfds_data_dir` does)."""
+  task = seqio.get_mixture_or_task(name)
+  task.source.tfds_dataset.override_data_dir(tfds_dir)
+  return task
+
+
 def test_registered_tasks():
   names = set(seqio.TaskRegistry.names())
-  assert {"shakespeare", "shakespeare_pause", "c4", "c4_pause"} <= names
-  assert tasks.recipe("shakespeare_pause").pause_rate == pytest.approx(0.1)
-  assert tasks.recipe("c4").pause_rate == 0.0
-  assert tasks.recipe("c4_pause").tfds_name == "c4/en:3.1.0"
+  assert {"shakespeare", "shakespeare_pause", "c4", "c4_pause", "addition_lm",
+          "addition_lm_pause"} <= names
+  assert pause.rate_of(seqio.get_mixture_or_task("shakespeare_pause")) == pytest.approx(0.1)
+  assert pause.rate_of(seqio.get_mixture_or_task("c4")) == 0.0
+  c4 = seqio.get_mixture_or_task("c4_pause")
+  assert c4.source.tfds_dataset.name == "c4/en:3.1.0"
+  assert specials.model_file(c4.output_features["targets"].vocabulary) == tasks.C4_VOCAB_PATH
+  mix = seqio.get_mixture_or_task("shakespeare_addition_pause")
+  assert {t.name: mix.get_rate(t) for t in mix.tasks} == {"shakespeare_pause": 9.0,
+                                                         "addition_lm_pause": 1.0}
 
 
 def test_pause_stream_is_standard_stream_with_pauses(tfds_dir, monkeypatch):
   """Chunk i of the pause task = chunk i of the standard task with pauses inserted and trimmed."""
   vocab = _vocab()
-  recipe = tasks.recipe("shakespeare_pause")
-  std = _chunks(recipe.build(vocab, pause_rate=0.0, tfds_data_dir=tfds_dir), 20)
-  paused = _chunks(recipe.build(vocab, pause_rate=0.1, tfds_data_dir=tfds_dir), 20)
+  std = _chunks(_task("shakespeare", tfds_dir), 20)
+  paused = _chunks(_task("shakespeare_pause", tfds_dir), 20)
   assert all(len(c) == L for c in std + paused)
   for s, p in zip(std, paused):
     real = p[p != vocab.pause_id]
@@ -53,7 +65,7 @@ def test_pause_stream_is_standard_stream_with_pauses(tfds_dir, monkeypatch):
   untrimmed_insert = pause.insert_pauses
   monkeypatch.setattr(pause, "insert_pauses",
                       lambda *args, **kwargs: untrimmed_insert(*args, **{**kwargs, "trim": False}))
-  untrimmed = _chunks(recipe.build(vocab, pause_rate=0.1, tfds_data_dir=tfds_dir), 20, trim=False)
+  untrimmed = _chunks(_task("shakespeare_pause", tfds_dir), 20, trim=False)
   assert len(untrimmed) == 20
   for s, p, u in zip(std, paused, untrimmed):
     assert len(u) == L + count
@@ -65,7 +77,7 @@ def test_pause_stream_is_standard_stream_with_pauses(tfds_dir, monkeypatch):
 
   # Chunks are the concatenated stream: the documents in order, each ending in EOS, run across
   # chunk boundaries, and the 20 chunks are exactly the stream's first 20 * L tokens.
-  source = seqio.TfdsDataSource(recipe.tfds_name, tfds_data_dir=tfds_dir)
+  source = seqio.TfdsDataSource("pausejax_shakespeare:1.0.0", tfds_data_dir=tfds_dir)
   stream = []
   for example in source.get_dataset("train", shuffle=False).as_numpy_iterator():
     stream += vocab.encode(example["text"].decode("utf-8")) + [vocab.eos_id]
@@ -75,16 +87,9 @@ def test_pause_stream_is_standard_stream_with_pauses(tfds_dir, monkeypatch):
   assert stream[:20 * L].count(vocab.eos_id) >= 1  # At least one document ends inside them.
 
 
-def test_rate_zero_is_exactly_the_standard_task(tfds_dir):
-  vocab = _vocab()
-  a = _chunks(tasks.recipe("shakespeare").build(vocab, tfds_data_dir=tfds_dir), 10)
-  b = _chunks(tasks.recipe("shakespeare_pause").build(vocab, pause_rate=0.0, tfds_data_dir=tfds_dir), 10)
-  np.testing.assert_array_equal(a, b)
-
-
 def test_registered_task_decodes_with_visible_pauses(tfds_dir):
   vocab = _vocab()
-  chunk = _chunks(tasks.recipe("shakespeare_pause").build(vocab, tfds_data_dir=tfds_dir), 1)[0]
+  chunk = _chunks(_task("shakespeare_pause", tfds_dir), 1)[0]
   text = vocab.render(chunk)
   assert "<pause>" in text
   assert text.count("<pause>") == int(np.sum(chunk == vocab.pause_id))
@@ -131,7 +136,10 @@ def test_c4_task_end_to_end_on_fake_c4(tmp_path):
   texts = [f"Document {i}. " + "Pause tokens give a model more columns to think with. " * 20
            for i in range(24)]
   write_fake_c4(str(tmp_path / "tfds"), texts[:20], texts[20:])
-  config = tiny_config(str(tmp_path / "tfds"), task="c4_pause", num_train_steps=3,
+  # c4_pause itself reads T5's vocabulary from GCS: the same task with the embedded one.
+  tasks.register_pretraining_task("c4_pause_embedded_vocab", tfds_name="c4/en:3.1.0",
+                                  pause_rate=tasks.PAUSE_RATE)
+  config = tiny_config(str(tmp_path / "tfds"), task="c4_pause_embedded_vocab", num_train_steps=3,
                        eval_every_steps=0, log_every_steps=1, num_eval_steps=1,
                        global_batch_size=2)
   data = data_lib.prepare(config)

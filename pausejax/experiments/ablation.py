@@ -5,9 +5,9 @@ r"""StdPT/PausePT x StdFT/PauseFT at tiny scale, an M_ft sweep, and M_inf robust
 
 The four variants of Goyal et al. (2023), Table 1 / Figure 3, shrunk to a laptop, plus a control:
 
-  pretraining   the embedded Shakespeare corpus, `configs/tiny.py` shapes; StdPT is pause.rate 0,
-                PausePT is pause.rate 0.1 (the paper's). Both from the same seed. NoPT (the
-                control) skips pretraining: fine-tuning starts from the random initialisation, so
+  pretraining   the embedded Shakespeare corpus, `configs/tiny.py` shapes; StdPT is task
+                `shakespeare`, PausePT `shakespeare_pause` (rate 0.1, the paper's). Both from
+                the same seed. NoPT (the control) skips pretraining: fine-tuning starts from the random initialisation, so
                 the table shows whether pretraining helps at all at this scale.
   fine-tuning   `addition` (pausejax.downstream: "123+45=" -> "168"), a task that needs
                 computation between reading the prompt and answering; StdFT is M_ft = 0,
@@ -83,9 +83,9 @@ def _base_config(quick: bool, seed: int):
   return c
 
 
-def pretrain_config(quick: bool, seed: int, rate: float, steps: int, tfds_data_dir: str):
+def pretrain_config(quick: bool, seed: int, task: str, steps: int, tfds_data_dir: str):
   c = _base_config(quick, seed)
-  c.pause.rate = rate
+  c.task = task
   c.num_train_steps = steps
   c.eval_every_steps = 0
   c.checkpoint_every_steps = steps
@@ -240,8 +240,8 @@ def main(argv):
   tfds_dir = os.path.join(outdir, "tensorflow_datasets")
   runs = os.path.join(outdir, "runs")
   # Every config is validated before the first run starts.
-  pre_cfgs = {name: pretrain_config(quick, seed, rate, pre_steps, tfds_dir)
-              for name, rate in (("StdPT", 0.0), ("PausePT", 0.1))}
+  pre_cfgs = {name: pretrain_config(quick, seed, task, pre_steps, tfds_dir)
+              for name, task in (("StdPT", "shakespeare"), ("PausePT", "shakespeare_pause"))}
   ft_ms = sorted(set(sweep) | {0, m_ft})
   init_dirs = {"NoPT": "", **{pt: os.path.join(runs, pt) for pt in pre_cfgs}}
   ft_cfgs = {(pt, m): finetune_config(quick, seed, m, ft_steps, init_dirs[pt], tfds_dir)
@@ -261,7 +261,7 @@ def main(argv):
           flush=True)
 
   for name, c in pre_cfgs.items():
-    progress(f"pretraining {name} (pause.rate={c.pause.rate})")
+    progress(f"pretraining {name} (task {c.task})")
     _train(c, os.path.join(runs, name))
     done += 1
   for (pt, m), c in ft_cfgs.items():
