@@ -103,6 +103,27 @@ def test_users_seqio_task_trains_and_resumes_exactly_with_pauses(tfds_dir, tmp_p
   assert whole == resumed and len(whole) == 5  # 4 train losses and the eval loss, bitwise.
 
 
+def test_users_finetuning_task_gets_the_pauses_after_its_prompt(tfds_dir):
+  from pausejax import corpus
+  from pausejax import downstream
+  seqio.TaskRegistry.remove("user_sums")
+  vocab = seqio.SentencePieceVocabulary(corpus.DEFAULT_VOCAB_PATH)
+  seqio.TaskRegistry.add(
+      "user_sums", source=downstream.addition_source(num_train=64, num_validation=8),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features={"inputs": seqio.Feature(vocab, add_eos=False),
+                       "targets": seqio.Feature(vocab)})
+  config = tiny_config(tfds_dir, task="user_sums", **{"pause.num_finetune": 3})
+  data, batches = _rows(config, 2)
+  assert data.train.kind == registry.FINETUNING
+  for batch in batches:
+    for targets, weights in zip(batch["decoder_target_tokens"], batch["decoder_loss_weights"]):
+      answer = int(np.argmax(weights))  # First position with loss: the answer's first token.
+      assert list(targets[answer - 3:answer]) == [data.pause_id] * 3
+      a, b = map(int, vocab.decode(targets[:answer - 3].tolist()).rstrip("=").split("+"))
+      assert vocab.decode(targets[answer:][weights[answer:] > 0].tolist()) == str(a + b)
+
+
 def test_rate_from_config_is_the_same_stream_as_the_pause_task(tfds_dir):
   """`shakespeare` with pause.rate 0.1 and `shakespeare_pause` (the task's rate): one stream."""
   data, by_config = _rows(tiny_config(tfds_dir, task="shakespeare", **{"pause.rate": 0.1}), 3)
