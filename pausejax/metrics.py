@@ -255,12 +255,54 @@ def measure_matmul_flops(device: Any = None, *, n: int = 1024, dtype: Any = jnp.
   return 2 * n**3 / max(best, 1e-9)
 
 
+# float32 FLOPs per cycle per core: two FMA units of 16 (AVX-512), 8 (AVX2) or 4 (AVX) lanes.
+_CPU_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("avx", 16))
+
+
+def cpu_nominal_flops(cpuinfo: str | None = None, cores: int | None = None,
+                      max_khz: str | None = None) -> tuple[float, str] | None:
+  """(nominal float32 peak FLOP/s of this host's CPUs, how): cores x clock x FLOP/cycle.
+
+  A constant of the machine, unlike a timed probe: the clock is the cpufreq maximum when Linux
+  exposes it, else /proc/cpuinfo's "cpu MHz"; FLOP/cycle follows the widest vector FMA the flags
+  show. Logical CPUs count as cores (SMT siblings share FMA units, so MFU reads low with SMT).
+  None where /proc/cpuinfo says too little (e.g. no clock on ARM).
+  """
+  if cpuinfo is None:  # This machine's; given text (tests) reads nothing else either.
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+      if os.path.exists(_CPUFREQ_MAX):
+        with open(_CPUFREQ_MAX) as f:
+          max_khz = f.read()
+    except OSError:
+      return None
+  mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)]
+  if max_khz:
+    mhz = [int(max_khz) / 1000]
+  flags = set((re.findall(r"^flags\s*:(.*)$", cpuinfo, re.M) or [""])[0].split())
+  if not mhz:
+    return None
+  isa, per_cycle = next(((f, n) for f, n in _CPU_FLOPS_PER_CYCLE if f in flags), ("scalar", 8))
+  if isa == "avx2" and "fma" not in flags:
+    isa, per_cycle = "avx", 16
+  cores = cores or len(os.sched_getaffinity(0))
+  ghz = max(mhz) / 1000
+  return (cores * ghz * 1e9 * per_cycle,
+          f"nominal: {cores} cores x {ghz:.2f} GHz x {per_cycle} float32 FLOP/cycle ({isa})")
+
+
+_CPUFREQ_MAX = "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"
+
+
 def peak_flops_per_device(device: Any = None) -> tuple[float, str]:
   """(peak FLOP/s of one jax device, how it was obtained).
 
-  Known accelerators use the spec-sheet table. CPUs and unknown kinds are measured with
-  `measure_matmul_flops`. CPU devices forced by --xla_force_host_platform_device_count share the
-  host's cores, and a single matmul already uses all of them, so the host rate is split among them.
+  Known accelerators use the spec-sheet table, CPUs their nominal peak (`cpu_nominal_flops`), so
+  MFU does not move with the load of the moment. Unknown accelerators (and CPUs that do not say
+  their clock) are measured with `measure_matmul_flops`. CPU devices forced by
+  --xla_force_host_platform_device_count share the host's cores, so the host's peak is split
+  among them.
   """
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "")
@@ -272,11 +314,15 @@ def peak_flops_per_device(device: Any = None) -> tuple[float, str]:
     if per_chip_devices > 1:
       how += f", {per_chip_devices} devices per chip"
     return per_chip / per_chip_devices, how
-  dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
-  rate = measure_matmul_flops(device, dtype=dtype)
+  nominal = cpu_nominal_flops() if device.platform == "cpu" else None
+  if nominal is not None:
+    rate, how = nominal
+  else:
+    dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+    rate = measure_matmul_flops(device, dtype=dtype)
+    where = device.platform if kind in ("", device.platform) else f"{device.platform} ({kind})"
+    how = f"measured: jitted {jnp.dtype(dtype).name} matmul probe on {where}"
   shared_by = len(jax.local_devices(backend="cpu")) if device.platform == "cpu" else 1
-  where = device.platform if kind in ("", device.platform) else f"{device.platform} ({kind})"
-  how = f"measured: jitted {jnp.dtype(dtype).name} matmul probe on {where}"
   if shared_by > 1:
     how += f", host's {format_si(rate)}FLOP/s split over its {shared_by} devices"
   return rate / shared_by, how

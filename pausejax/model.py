@@ -273,10 +273,11 @@ class Attention(nnx.Module):
 
   def _project(self, x_BxLxD, positions_BxL):
     """Queries, keys (both rotated) and values."""
-    dtype = self.cfg.dtype
-    q_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.query[...].astype(dtype))
-    k_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.key[...].astype(dtype))
-    v_BxLxHxK = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.value[...].astype(dtype))
+    # One matmul for all three: on small models three separate ones cost measurably more. The
+    # kernels are stacked on a new axis, so a tensor-sharded 'heads' axis needs no data movement.
+    w_Dx3xHxK = jnp.stack([self.query[...], self.key[...], self.value[...]], axis=1)
+    qkv_BxLx3xHxK = jnp.einsum('bld,dthk->blthk', x_BxLxD, w_Dx3xHxK.astype(self.cfg.dtype))
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     names = ('batch', 'length', 'heads', 'kv')
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
         self.cfg.constrain(a, names) for a in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
@@ -346,8 +347,10 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dtype = self.cfg.dtype
-    gate_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.gate[...].astype(dtype))
-    up_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.up[...].astype(dtype))
+    # Gate and up in one matmul (stacked on a new axis, as in Attention._project).
+    w_Dx2xF = jnp.stack([self.gate[...], self.up[...]], axis=1).astype(dtype)
+    gate_up_BxLx2xF = jnp.einsum('bld,dtf->bltf', x_BxLxD, w_Dx2xF)
+    gate_BxLxF, up_BxLxF = gate_up_BxLx2xF[:, :, 0], gate_up_BxLx2xF[:, :, 1]
     gate_BxLxF = self.cfg.constrain(gate_BxLxF, ('batch', 'length', 'mlp'))
     up_BxLxF = self.cfg.constrain(up_BxLxF, ('batch', 'length', 'mlp'))
     h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF

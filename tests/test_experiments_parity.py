@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import subprocess
@@ -127,6 +128,106 @@ def test_held_out_accuracy_of_a_learnt_constant_answer(monkeypatch, held_out_lab
   else:
     assert not record["stopped_early"] and record["steps_run"] == s.steps
     assert record["best_accuracy"] < 1.0
+  assert record["seeds"] == [0] and record["final_accuracy_per_seed"] == [accuracy]
+  assert record["final_accuracy_ci95"] is None
+
+
+def test_replicas_stop_once_every_seed_is_solved(monkeypatch):
+  """Every string answers 0: both replicas are solved from the first evaluation on."""
+  monkeypatch.setattr(parity, "parity", lambda bits_BxN: np.zeros(len(bits_BxN), np.int32))
+  s = dataclasses.replace(parity.QUICK, num_bits=(4,), pauses=("2",), steps=120, eval_every=20)
+  datas = [parity.ParityData(num_bits=4, num_eval=100, seed=seed) for seed in (0, 1)]
+  record = parity.train_replicas(s, datas, num_pauses=2)
+  stop = parity.SOLVED_EVALS * s.eval_every
+  assert record["stopped_early"] and record["steps_run"] == stop
+  assert record["seeds"] == [0, 1] and record["solved_step_per_seed"] == [stop, stop]
+  assert record["final_accuracy_per_seed"] == [1.0, 1.0] and record["final_accuracy"] == 1.0
+  assert record["final_accuracy_ci95"] == 0.0
+  assert [p["eval_accuracy_per_seed"] for p in record["curve"]] == [[1.0, 1.0]] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: K replicas in one vmapped program compute what K lone runs compute.
+
+# Real parity at n = 5 for 40 steps: no run can stop before the end (that needs 3 evaluations),
+# so every run has the same evaluations. vmap sums in another order, and training amplifies that
+# rounding: eval losses agree to ~1e-6 relative after 10 steps, ~1e-5 after 40, 3e-5 after 60.
+_REPLICA_SETTINGS = dataclasses.replace(parity.QUICK, num_bits=(5,), pauses=("2",), steps=40,
+                                        eval_every=10, seed=3)
+
+
+@pytest.fixture(scope="module")
+def replica_sweeps():
+  """(one --seeds=2 sweep from seed 3, [--seeds=1 sweeps from seeds 3 and 4])."""
+  quiet = dict(stream=io.StringIO())
+  pair = parity.sweep(dataclasses.replace(_REPLICA_SETTINGS, seeds=2), **quiet)
+  singles = [parity.sweep(dataclasses.replace(_REPLICA_SETTINGS, seed=seed), **quiet)
+             for seed in (3, 4)]
+  return pair, singles
+
+
+def test_vmapped_replicas_match_separate_runs(replica_sweeps):
+  pair, singles = replica_sweeps
+  (cell,), lone = pair["runs"], [r["runs"][0] for r in singles]
+  s = _REPLICA_SETTINGS
+  assert cell["seeds"] == [3, 4] and [r["seeds"] for r in lone] == [[3], [4]]
+  assert cell["steps_run"] == s.steps and all(r["steps_run"] == s.steps for r in lone)
+  steps = list(range(s.eval_every, s.steps + 1, s.eval_every))
+  assert [p["step"] for p in cell["curve"]] == steps
+  for i, r in enumerate(lone):
+    assert [p["step"] for p in r["curve"]] == steps
+    # Same initial weights and strings; vmap may only fuse ops differently.
+    np.testing.assert_allclose([p["eval_loss_per_seed"][i] for p in cell["curve"]],
+                               [p["eval_loss"] for p in r["curve"]], rtol=1e-4)
+    assert [p["eval_accuracy_per_seed"][i] for p in cell["curve"]] == [
+        p["eval_accuracy"] for p in r["curve"]]
+    assert cell["best_accuracy_per_seed"][i] == r["best_accuracy"]
+  assert cell["final_accuracy_per_seed"] == [r["final_accuracy"] for r in lone]
+  # Records hold means over the seeds, and the interval of the final mean.
+  finals = cell["final_accuracy_per_seed"]
+  assert cell["final_accuracy"] == pytest.approx(np.mean(finals))
+  assert cell["best_accuracy"] == pytest.approx(np.mean(cell["best_accuracy_per_seed"]))
+  assert cell["final_accuracy_ci95"] == pytest.approx(parity.ci95(finals))
+  for p in cell["curve"]:
+    assert p["eval_accuracy"] == pytest.approx(np.mean(p["eval_accuracy_per_seed"]))
+    assert p["eval_loss"] == pytest.approx(np.mean(p["eval_loss_per_seed"]))
+  assert pair["settings"]["seeds"] == 2
+
+
+def test_outputs_show_the_seeds(replica_sweeps, tmp_path):
+  pair, singles = replica_sweeps
+  parity.write_outputs(pair, str(tmp_path), "python -m pausejax.experiments.parity --seeds=2")
+  cell = pair["runs"][0]
+  markdown = (tmp_path / "results.md").read_text()
+  row = next(line for line in markdown.splitlines() if line.startswith("| 5 |"))
+  assert f"{cell['final_accuracy']:.3f} ± {cell['final_accuracy_ci95']:.3f}" in row
+  assert "2 seeds (3 to 4" in markdown and "95 %" in markdown
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["runs"][0]["final_accuracy_per_seed"] == cell["final_accuracy_per_seed"]
+  with open(tmp_path / "parity.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  table = parity.results_table(singles[0])  # One seed: no interval.
+  assert "±" not in table and "seed 3." in parity.results_markdown(singles[0], "c")
+
+
+@pytest.mark.parametrize("values,mean,ci", [
+    ([0.5, 0.7, 0.9], 0.7, 4.303 * 0.2 / np.sqrt(3)),  # sd 0.2, t(0.975, 2) = 4.303.
+    ([0.0, 1.0], 0.5, 12.706 * np.sqrt(0.5) / np.sqrt(2)),
+    ([0.25] * 5, 0.25, 0.0),
+    ([0.0, 1.0] * 20, 0.5, 1.96 * np.std([0.0, 1.0] * 20, ddof=1) / np.sqrt(40)),  # df 39.
+    ([0.9], 0.9, None)])
+def test_confidence_interval_of_the_mean(values, mean, ci):
+  assert np.mean(values) == pytest.approx(mean)
+  if ci is None:
+    assert parity.ci95(values) is None
+  else:
+    assert parity.ci95(values) == pytest.approx(ci, rel=1e-12)
+
+
+def test_confidence_interval_table():
+  assert parity.ci95([0.5, 0.7, 0.9]) == pytest.approx(0.49687, abs=1e-5)
+  assert parity.T975[0] == 12.706 and parity.T975[29] == 2.042 and len(parity.T975) == 30
+  assert list(parity.T975) == sorted(parity.T975, reverse=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +235,8 @@ def test_held_out_accuracy_of_a_learnt_constant_answer(monkeypatch, held_out_lab
 
 def _fake_flags(**given):
   names = ("num_bits", "pauses", "steps", "batch_size", "eval_every", "num_eval",
-           "learning_rate", "d_model", "num_heads", "head_dim", "mlp_dim", "rope_theta", "seed")
+           "learning_rate", "d_model", "num_heads", "head_dim", "mlp_dim", "rope_theta", "seed",
+           "seeds")
   values = dict.fromkeys(names, None)
   values["quick"] = False
   values.update(given)
@@ -143,9 +245,10 @@ def _fake_flags(**given):
 
 def test_flags_override_the_preset():
   s = parity.settings_from_flags(_fake_flags(quick=True, num_bits="3,5,3", pauses="0, n/2,4",
-                                             steps=7, seed=9))
+                                             steps=7, seed=9, seeds=4))
   assert s.num_bits == (3, 5) and s.pauses == ("0", "n/2", "4")
-  assert (s.steps, s.seed, s.d_model) == (7, 9, parity.QUICK.d_model)
+  assert (s.steps, s.seed, s.seeds, s.d_model) == (7, 9, 4, parity.QUICK.d_model)
+  assert parity.QUICK.seeds == parity.FULL.seeds == 1
   assert parity.settings_from_flags(_fake_flags()) == parity.FULL
 
 
@@ -156,6 +259,7 @@ def test_flags_override_the_preset():
     (dict(steps=0), "--steps"), (dict(batch_size=-1), "--batch_size"),
     (dict(learning_rate=0.0), "--learning_rate"), (dict(head_dim=15), "--head_dim"),
     (dict(rope_theta=-1.0), "--rope_theta"), (dict(seed=-1), "--seed"),
+    (dict(seeds=0), "--seeds"), (dict(seeds=-2), "--seeds"),
     (dict(num_bits="3000", pauses="n"), "--num_bits/--pauses")])
 def test_bad_settings(given, name):
   with pytest.raises(UsageError) as e:
@@ -171,6 +275,8 @@ def test_bad_settings(given, name):
     (["--num_bits=0"], "--num_bits"),
     (["--num_bits=-4"], "--num_bits"),
     (["--steps=0"], "--steps"),
+    (["--seeds=0"], "--seeds"),
+    (["--seeds=-3"], "--seeds"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, name):
   outdir = tmp_path / "out"

@@ -183,8 +183,27 @@ def test_peak_flops_per_device_for_fake_devices():
 def test_cpu_probe_is_positive_and_finite():
   rate = metrics.measure_matmul_flops(n=256, repeats=2)
   assert math.isfinite(rate) and rate > 0
-  peak, how = metrics.peak_flops_per_device(jax.devices("cpu")[0])
-  assert math.isfinite(peak) and peak > 0 and how.startswith("measured")
+
+
+_EPYC = "processor\t: 0\ncpu MHz\t\t: 2445.404\nflags\t\t: fpu sse2 avx fma avx2\n" * 2
+
+
+@pytest.mark.parametrize("cpuinfo, max_khz, peak, isa", [
+    (_EPYC, None, 2 * 2.445404e9 * 32, "avx2"),
+    (_EPYC, "3500000", 2 * 3.5e9 * 32, "avx2"),  # The cpufreq maximum wins.
+    (_EPYC.replace("avx2", "avx512f avx2"), None, 2 * 2.445404e9 * 64, "avx512f"),
+    (_EPYC.replace(" fma", ""), None, 2 * 2.445404e9 * 16, "avx"),
+])
+def test_cpu_nominal_peak_is_cores_times_clock_times_flops_per_cycle(cpuinfo, max_khz, peak,
+                                                                     isa):
+  rate, how = metrics.cpu_nominal_flops(cpuinfo, cores=2, max_khz=max_khz)
+  assert rate == pytest.approx(peak) and how.startswith("nominal: 2 cores") and f"({isa})" in how
+  assert metrics.cpu_nominal_flops("processor : 0\n", cores=2, max_khz=None) is None
+
+
+def test_cpu_peak_is_the_same_every_time():
+  peaks = {metrics.peak_flops_per_device(jax.devices("cpu")[0]) for _ in range(3)}
+  assert len(peaks) == 1
 
 
 @pytest.mark.parametrize("seconds, text", [

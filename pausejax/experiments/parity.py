@@ -1,15 +1,18 @@
 r"""n-bit parity with and without pause tokens, on a 2-layer causal decoder.
 
     python -m pausejax.experiments.parity --outdir=runs/parity [--quick] \
-        [--num_bits=8,10,12,16] [--pauses=0,n/2,n] [--steps=1500] [--seed=0]
+        [--num_bits=8,10,12,16] [--pauses=0,n/2,n] [--steps=1500] [--seed=0] [--seeds=1]
 
 London & Kanade 2025 (arXiv 2505.21024) report that a two-layer causally masked transformer learns
 parity when pause tokens follow the input and appears unable to without them. This runner trains
 `pausejax.model.Decoder` (2 layers) from scratch for every (n, M) pair and measures held-out
-accuracy. Writes to --outdir:
+accuracy. With --seeds=K every (n, M) trains K models, seeds --seed .. --seed + K - 1, each with
+its own initial weights and its own strings; they run as replicas on a leading axis of one vmapped
+program, so they share its compilation and its step loop. Writes to --outdir:
 
-  results.json   settings, and per run: accuracy/loss vs step, final and best accuracy, wall time
-  results.md     final held-out accuracy, rows n, columns M
+  results.json   settings, and per run: accuracy/loss vs step, final and best accuracy (means
+                 over seeds, per seed, and a 95 % confidence interval of the final mean), wall time
+  results.md     final held-out accuracy, rows n, columns M (mean ± 95 % CI when K > 1)
   parity.png     accuracy vs step per M (one panel per n), and final accuracy vs n per M
 
 The task. Token ids: bit 0 -> 0, bit 1 -> 1, `SEP_ID` = 2 ends the input, and `PAUSE_ID` = 3 is the
@@ -33,7 +36,8 @@ n sees the same strings and starts from the same weights (a paired comparison).
 Settings the paper does not pin down for our model (its width, optimiser, step counts; whether its
 positions are absolute) are ours: see `QUICK` / `FULL`, and docs/results.md for what they measured.
 The model uses RoPE as everywhere in pausejax (`--rope_theta` changes its base). A run stops early
-once held-out accuracy has been 100 % at `SOLVED_EVALS` evaluations in a row.
+once held-out accuracy has been 100 % at `SOLVED_EVALS` evaluations in a row; with several seeds,
+once that holds for every seed (a solved seed trains on meanwhile).
 """
 
 from __future__ import annotations
@@ -86,17 +90,19 @@ class Settings:
   mlp_dim: int
   rope_theta: float
   seed: int
+  seeds: int  # Models per (n, M): seeds seed, seed + 1, ..., trained together as replicas.
 
 
 # Quick: n + 1 + M takes 3 values over the 4 runs and every eval set has 16 strings, so only 3
 # train and 3 eval programs compile (compiling is most of its time).
 QUICK = Settings(num_bits=(5, 8), pauses=("0", "3"), steps=160, batch_size=32, eval_every=40,
                  num_eval=16, learning_rate=3e-3, warmup_steps=20, weight_decay=0.01,
-                 d_model=32, num_heads=2, head_dim=16, mlp_dim=64, rope_theta=10_000.0, seed=0)
+                 d_model=32, num_heads=2, head_dim=16, mlp_dim=64, rope_theta=10_000.0, seed=0,
+                 seeds=1)
 FULL = Settings(num_bits=(8, 10, 12, 16), pauses=("0", "n/2", "n"), steps=1500, batch_size=64,
                 eval_every=100, num_eval=1024, learning_rate=1e-3, warmup_steps=200,
                 weight_decay=0.01, d_model=64, num_heads=4, head_dim=16, mlp_dim=256,
-                rope_theta=10_000.0, seed=0)
+                rope_theta=10_000.0, seed=0, seeds=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +164,7 @@ class ParityData:
   """A fixed held-out eval set and a stream of training strings that never hits it."""
 
   def __init__(self, num_bits: int, num_eval: int, seed: int):
-    self.num_bits = num_bits
+    self.num_bits, self.seed = num_bits, seed
     rng = np.random.default_rng([seed, num_bits, 0])
     # At most half the 2^n strings go to eval, so training always has some left.
     size = max(1, min(num_eval, 2 ** min(num_bits, 62) // 2))
@@ -195,12 +201,18 @@ def model_config(s: Settings):
       head_dim=s.head_dim, mlp_dim=s.mlp_dim, tied_embeddings=False, rope_theta=s.rope_theta)
 
 
+def programs(s: Settings) -> types.SimpleNamespace:
+  """The compiled programs for `s`, shared by every (n, M) and seed of a sweep."""
+  # Seeds are arguments and n, M only change shapes: they stay out of the cache key.
+  return _programs(dataclasses.replace(s, num_bits=(), pauses=(), seed=0, seeds=1))
+
+
 @functools.lru_cache(maxsize=4)
 def _programs(s: Settings) -> types.SimpleNamespace:
-  """Jitted init, train and eval functions shared by every run of a sweep.
+  """Jitted init, train and eval functions, and train and eval vmapped over replicas.
 
-  They recompile only for a new sequence length: compiling is most of a --quick run's time, and
-  building the model eagerly would compile each of its ops on its own.
+  They recompile only for a new sequence length (or replica count): compiling is most of a
+  --quick run's time, and building the model eagerly would compile each of its ops on its own.
   """
   import jax
   import jax.numpy as jnp
@@ -216,10 +228,11 @@ def _programs(s: Settings) -> types.SimpleNamespace:
       b2=0.98, eps=1e-8, weight_decay=s.weight_decay, grad_clip_norm=1.0))
   tx, schedule = step_lib.make_optimizer(oc, s.steps, step_lib.param_logical_specs(abstract_params))
   train_step = step_lib.make_train_step(graphdef, abstract_params, tx, schedule, PAUSE_ID)
+  evaluate = step_lib.make_eval_step(graphdef, abstract_params)
 
-  def init():
+  def init(seed_u32):
     # The 'rbg' generator: threefry's unrolled rounds double the time to compile this on CPU.
-    model = model_lib.Decoder(cfg, rngs=nnx.Rngs(jax.random.key(s.seed, impl="rbg")))
+    model = model_lib.Decoder(cfg, rngs=nnx.Rngs(jax.random.key(seed_u32, impl="rbg")))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
@@ -227,45 +240,113 @@ def _programs(s: Settings) -> types.SimpleNamespace:
     state, metrics = jax.lax.scan(train_step, state, batches)
     return state, {k: jnp.mean(metrics[k]) for k in ("train_loss", "train_accuracy")}
 
+  # No vmapped init: 'rbg' keys draw other bits under vmap, so replicas are initialised one by
+  # one (as a lone run would be) and stacked.
   return types.SimpleNamespace(
       num_params=model_lib.count_params(cfg), init=jax.jit(init),
-      train_chunk=jax.jit(train_chunk, donate_argnums=0),
-      evaluate=jax.jit(step_lib.make_eval_step(graphdef, abstract_params)))
+      train_chunk=jax.jit(train_chunk, donate_argnums=0), evaluate=jax.jit(evaluate),
+      train_chunk_replicas=jax.jit(jax.vmap(train_chunk), donate_argnums=0),
+      evaluate_replicas=jax.jit(jax.vmap(evaluate)))
+
+
+def seed_u32(seed: int) -> np.uint32:
+  """The init program's seed argument: the key that jax.random.key(seed) makes without x64."""
+  return np.uint32(seed % 2 ** 32)
+
+
+# Student t quantiles t(0.975, df) for df = 1..30; beyond that the normal quantile 1.96.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(values: Sequence[float]) -> float | None:
+  """Half-width of the 95 % confidence interval of the mean of `values` (Student t with k - 1
+  degrees of freedom times sd / sqrt(k), sd with ddof 1); None for fewer than two values."""
+  k = len(values)
+  if k < 2:
+    return None
+  t = T975[k - 2] if k - 1 <= len(T975) else 1.96
+  return float(t * np.std(np.asarray(values, np.float64), ddof=1) / math.sqrt(k))
+
+
+def _mean(values: Sequence[float]) -> float:
+  return math.fsum(values) / len(values)  # Exactly the value itself for one seed.
+
+
+def _features(bits_xN: np.ndarray, num_pauses: int, lead: tuple[int, ...]) -> dict:
+  """make_batch of all rows at once (it is row-wise), each feature reshaped to lead + (L,)."""
+  return {k: v.reshape(*lead, v.shape[-1]) for k, v in make_batch(bits_xN, num_pauses).items()}
+
+
+def train_replicas(s: Settings, datas: Sequence[ParityData], num_pauses: int,
+                   progress=None) -> dict[str, Any]:
+  """Trains one model per entry of `datas` (all of one n) with `num_pauses` pauses; their record.
+
+  Model i starts from the weights of seed datas[i].seed and trains on datas[i]'s strings. One
+  model runs the plain programs; several run as replicas of one vmapped program, in the same
+  steps, until the last of them is solved or `s.steps` have run. Accuracies and losses in the
+  record are means over the models, with the per-model values beside them.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  n, k = datas[0].num_bits, len(datas)
+  seeds = [d.seed for d in datas]
+  p = programs(s)
+  states = [p.init(seed_u32(seed)) for seed in seeds]
+  if k == 1:  # The plain programs: vmap may fuse ops differently, and K = 1 stays as it was.
+    state, train_chunk, evaluate, lead = states[0], p.train_chunk, p.evaluate, ()
+  else:
+    state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    train_chunk, evaluate, lead = p.train_chunk_replicas, p.evaluate_replicas, (k,)
+  del states  # Only the stacked copy (or, for one seed, the donated state) is used from here.
+  num_eval = len(datas[0].eval_bits)
+  eval_batch = _features(np.concatenate([d.eval_bits for d in datas]), num_pauses,
+                         lead + (num_eval,))
+  solved_K = np.zeros(k, np.int64)  # Evaluations in a row at 100 %, per seed.
+  solved_step = [None] * k
+  curve, done, start = [], 0, time.perf_counter()
+  while done < s.steps:
+    chunk = min(s.eval_every, s.steps - done)
+    bits = np.concatenate([d.train_bits(chunk * s.batch_size) for d in datas])
+    state, train_metrics = train_chunk(
+        state, _features(bits, num_pauses, lead + (chunk, s.batch_size)))
+    done += chunk
+    terms = jax.device_get(evaluate(state["params"], eval_batch))
+    train_metrics = jax.device_get(train_metrics)
+    acc_K = [float(a) for a in np.atleast_1d(terms["correct_sum"] / terms["weight_sum"])]
+    loss_K = [float(a) for a in np.atleast_1d(terms["nll_sum"] / terms["weight_sum"])]
+    point = {"step": done, "eval_accuracy": _mean(acc_K), "eval_loss": _mean(loss_K),
+             "train_loss": _mean([float(a) for a in np.atleast_1d(train_metrics["train_loss"])]),
+             "train_accuracy": _mean(
+                 [float(a) for a in np.atleast_1d(train_metrics["train_accuracy"])]),
+             "eval_accuracy_per_seed": acc_K, "eval_loss_per_seed": loss_K}
+    curve.append(point)
+    solved_K = np.where(np.asarray(acc_K) == 1.0, solved_K + 1, 0)
+    for i in np.flatnonzero(solved_K == SOLVED_EVALS):
+      if solved_step[i] is None:
+        solved_step[i] = done
+    if progress:
+      progress(done, point)
+    if (solved_K >= SOLVED_EVALS).all():
+      break
+  final_K = curve[-1]["eval_accuracy_per_seed"]
+  best_K = [max(q["eval_accuracy_per_seed"][i] for q in curve) for i in range(k)]
+  return {"num_bits": n, "num_pauses": num_pauses, "seq_len": n + 1 + num_pauses,
+          "num_params": p.num_params, "steps_run": done,
+          "stopped_early": done < s.steps, "final_accuracy": _mean(final_K),
+          "best_accuracy": _mean(best_K), "num_eval": num_eval,
+          "wall_s": round(time.perf_counter() - start, 2), "seeds": seeds,
+          "final_accuracy_per_seed": final_K, "final_accuracy_ci95": ci95(final_K),
+          "best_accuracy_per_seed": best_K,
+          # Where a lone run of that seed would have stopped (None: never solved).
+          "solved_step_per_seed": solved_step, "curve": curve}
 
 
 def train_one(s: Settings, data: ParityData, num_pauses: int, progress=None) -> dict[str, Any]:
-  """Trains one model on n-bit parity with `num_pauses` pauses; returns its record."""
-  import jax
-
-  n = data.num_bits
-  programs = _programs(s)
-  state = programs.init()
-  eval_batch = make_batch(data.eval_bits, num_pauses)
-  curve, solved, done, start = [], 0, 0, time.perf_counter()
-  while done < s.steps:
-    chunk = min(s.eval_every, s.steps - done)
-    bits = data.train_bits(chunk * s.batch_size).reshape(chunk, s.batch_size, n)
-    batches = jax.tree.map(lambda *rows: np.stack(rows), *[make_batch(b, num_pauses) for b in bits])
-    state, train_metrics = programs.train_chunk(state, batches)
-    done += chunk
-    terms = jax.device_get(programs.evaluate(state["params"], eval_batch))
-    point = {"step": done,
-             "eval_accuracy": float(terms["correct_sum"] / terms["weight_sum"]),
-             "eval_loss": float(terms["nll_sum"] / terms["weight_sum"]),
-             "train_loss": float(train_metrics["train_loss"]),
-             "train_accuracy": float(train_metrics["train_accuracy"])}
-    curve.append(point)
-    solved = solved + 1 if point["eval_accuracy"] == 1.0 else 0
-    if progress:
-      progress(done, point)
-    if solved >= SOLVED_EVALS:
-      break
-  accuracies = [p["eval_accuracy"] for p in curve]
-  return {"num_bits": n, "num_pauses": num_pauses, "seq_len": n + 1 + num_pauses,
-          "num_params": programs.num_params, "steps_run": done,
-          "stopped_early": done < s.steps, "final_accuracy": accuracies[-1],
-          "best_accuracy": max(accuracies), "num_eval": len(data.eval_bits),
-          "wall_s": round(time.perf_counter() - start, 2), "curve": curve}
+  """Trains one model (seed data.seed) on n-bit parity with `num_pauses` pauses; its record."""
+  return train_replicas(s, [data], num_pauses, progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,8 +355,9 @@ def train_one(s: Settings, data: ParityData, num_pauses: int, progress=None) -> 
 class Progress:
   """One status line with an ETA, rewritten in place on a terminal, else every `every_s` seconds.
 
-  Work is counted in token-steps (steps x sequence length), since a step's cost grows with it;
-  runs that stop early take their unused work out of the total.
+  Work is counted in token-steps (steps x sequence length), since a step's cost grows with it,
+  once per (n, M) whatever the number of seeds (they run in the same steps); runs that stop early
+  take their unused work out of the total.
   """
 
   def __init__(self, total_work: float, stream=None, every_s: float = 10.0):
@@ -311,20 +393,21 @@ def sweep(s: Settings, stream=None) -> dict[str, Any]:
   plan = [(n, spec, resolve_pauses(spec, n)) for n in s.num_bits for spec in s.pauses]
   progress = Progress(sum(s.steps * (n + 1 + m) for n, _, m in plan), stream)
   runs, finished = [], 0.0
+  acc = "held-out acc" if s.seeds == 1 else f"mean held-out acc of {s.seeds} seeds"
   for i, (n, spec, m) in enumerate(plan):
-    data = ParityData(n, s.num_eval, s.seed)
+    datas = [ParityData(n, s.num_eval, s.seed + j) for j in range(s.seeds)]
     label = f"run {i + 1}/{len(plan)} n={n} M={m}"
 
     def report(step, point, n=n, m=m, label=label):
-      progress.update(f"{label} step {step}/{s.steps} held-out acc {point['eval_accuracy']:.3f}",
+      progress.update(f"{label} step {step}/{s.steps} {acc} {point['eval_accuracy']:.3f}",
                       finished + step * (n + 1 + m))
 
-    record = train_one(s, data, m, report)
+    record = train_replicas(s, datas, m, report)
     record["pauses"] = spec
     runs.append(record)
     progress.total -= (s.steps - record["steps_run"]) * (n + 1 + m)
     finished += record["steps_run"] * (n + 1 + m)
-    progress.update(f"{label} done: final held-out acc {record['final_accuracy']:.3f}", finished,
+    progress.update(f"{label} done: final {acc} {record['final_accuracy']:.3f}", finished,
                     force=True)
   progress.close()
   return {"experiment": "parity", "settings": dataclasses.asdict(s),
@@ -336,8 +419,15 @@ def _cell(results: dict[str, Any], n: int, spec: str) -> dict[str, Any]:
   return next(r for r in results["runs"] if r["num_bits"] == n and r["pauses"] == spec)
 
 
+def accuracy_text(record: dict[str, Any]) -> str:
+  """The final accuracy, with its 95 % confidence interval when there are several seeds."""
+  ci = record.get("final_accuracy_ci95")
+  return f"{record['final_accuracy']:.3f}" + ("" if ci is None else f" ± {ci:.3f}")
+
+
 def results_table(results: dict[str, Any]) -> str:
-  """Markdown: final held-out accuracy, rows n, columns M (resolved M in brackets if relative)."""
+  """Markdown: final held-out accuracy (mean ± 95 % CI over seeds when several), rows n,
+  columns M (resolved M in brackets if relative)."""
   s = results["settings"]
   head = "| n | " + " | ".join(f"M = {p}" for p in s["pauses"]) + " |"
   rows = [head, "|---|" + "---|" * len(s["pauses"])]
@@ -345,7 +435,7 @@ def results_table(results: dict[str, Any]) -> str:
     cells = []
     for spec in s["pauses"]:
       r = _cell(results, n, spec)
-      text = f"{r['final_accuracy']:.3f}"
+      text = accuracy_text(r)
       if not re.fullmatch(r"\d+", spec):
         text += f" (M={r['num_pauses']})"
       cells.append(text)
@@ -355,13 +445,20 @@ def results_table(results: dict[str, Any]) -> str:
 
 def results_markdown(results: dict[str, Any], command: str) -> str:
   s = results["settings"]
+  k = s.get("seeds", 1)
+  if k == 1:
+    seeds = f"seed {s['seed']}"
+  else:
+    seeds = (f"{k} seeds ({s['seed']} to {s['seed'] + k - 1}, each with its own weights and "
+             f"strings): every cell is the mean over the seeds ± the half-width of its 95 % "
+             f"confidence interval (Student t, {k - 1} degrees of freedom)")
   return "\n".join([
       "# Parity with pause tokens",
       "",
       f"Final held-out accuracy (chance 0.5) of a 2-layer causal decoder (d_model {s['d_model']}, "
       f"{s['num_heads']} heads) on n-bit parity with M pauses after the bits; up to "
       f"{s['steps']} steps of batch {s['batch_size']}, {s['num_eval']} held-out strings per n "
-      f"(fewer when 2^n is small), seed {s['seed']}. Wall time {results['wall_s']:.0f} s.",
+      f"(fewer when 2^n is small), {seeds}. Wall time {results['wall_s']:.0f} s.",
       "",
       results_table(results),
       "",
@@ -370,7 +467,8 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
 
 
 def plot(results: dict[str, Any], out_png: str) -> None:
-  """Accuracy vs step (one panel per n, one line per M) and final accuracy vs n per M."""
+  """Accuracy vs step (one panel per n, one line per M) and final accuracy vs n per M: means over
+  seeds, with the range of the seeds shaded and 95 % confidence intervals when there are several."""
   from matplotlib.figure import Figure  # No pyplot: no global backend state (Agg via savefig).
 
   s = results["settings"]
@@ -384,6 +482,10 @@ def plot(results: dict[str, Any], out_png: str) -> None:
       steps = [p["step"] for p in r["curve"]]
       ax.plot(steps, [p["eval_accuracy"] for p in r["curve"]], "-", color=colors[spec],
               label=f"M={r['num_pauses']}")
+      per_seed = [p.get("eval_accuracy_per_seed", [p["eval_accuracy"]]) for p in r["curve"]]
+      if max(len(a) for a in per_seed) > 1:
+        ax.fill_between(steps, [min(a) for a in per_seed], [max(a) for a in per_seed],
+                        color=colors[spec], alpha=0.2, lw=0)
     ax.set(title=f"n = {n}", xlabel="training step", ylabel="held-out accuracy",
            ylim=(0, 1.02))
     ax.axhline(0.5, color="gray", lw=0.8, ls=":")
@@ -391,8 +493,10 @@ def plot(results: dict[str, Any], out_png: str) -> None:
     ax.legend(fontsize=8)
   ax = axes[-1]
   for spec in specs:
-    ax.plot(ns, [_cell(results, n, spec)["final_accuracy"] for n in ns], "o-",
-            color=colors[spec], label=f"M = {spec}")
+    cells = [_cell(results, n, spec) for n in ns]
+    cis = [r.get("final_accuracy_ci95") for r in cells]
+    ax.errorbar(ns, [r["final_accuracy"] for r in cells], fmt="o-", color=colors[spec],
+                yerr=None if None in cis else cis, capsize=3, label=f"M = {spec}")
   ax.axhline(0.5, color="gray", lw=0.8, ls=":")
   ax.set(title="final accuracy vs n", xlabel="n (bits)", ylabel="held-out accuracy",
          ylim=(0, 1.02), xscale="log")
@@ -467,6 +571,10 @@ def settings_from_flags(f) -> Settings:
     if f.seed < 0:
       raise UsageError.setting("--seed", f.seed, "a non-negative integer")
     changes["seed"] = f.seed
+  if f.seeds is not None:
+    if f.seeds < 1:
+      raise UsageError.setting("--seeds", f.seeds, "a positive integer (models per (n, M))")
+    changes["seeds"] = f.seeds
   s = dataclasses.replace(s, **changes)
   if s.head_dim % 2:
     raise UsageError.setting("--head_dim", s.head_dim, "an even integer (RoPE rotates pairs)")
@@ -494,6 +602,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("mlp_dim", None, "SwiGLU hidden width.")
   flags.DEFINE_float("rope_theta", None, "RoPE base.")
   flags.DEFINE_integer("seed", None, "Seed of the data and of the initial weights.")
+  flags.DEFINE_integer("seeds", None,
+                       "Models per (n, M), seeds --seed, --seed + 1, ..., trained together as "
+                       "vmapped replicas; results are their means with 95 % confidence intervals.")
 
 
 def main(argv: Sequence[str]) -> None:
