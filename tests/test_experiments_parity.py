@@ -14,6 +14,7 @@ import pytest
 
 from pausejax.errors import UsageError
 from pausejax.experiments import parity
+from pausejax.experiments import stats
 
 from conftest import REPO
 
@@ -187,7 +188,7 @@ def test_vmapped_replicas_match_separate_runs(replica_sweeps):
   finals = cell["final_accuracy_per_seed"]
   assert cell["final_accuracy"] == pytest.approx(np.mean(finals))
   assert cell["best_accuracy"] == pytest.approx(np.mean(cell["best_accuracy_per_seed"]))
-  assert cell["final_accuracy_ci95"] == pytest.approx(parity.ci95(finals))
+  assert cell["final_accuracy_ci95"] == pytest.approx(stats.ci95(finals))
   for p in cell["curve"]:
     assert p["eval_accuracy"] == pytest.approx(np.mean(p["eval_accuracy_per_seed"]))
     assert p["eval_loss"] == pytest.approx(np.mean(p["eval_loss_per_seed"]))
@@ -219,15 +220,15 @@ def test_outputs_show_the_seeds(replica_sweeps, tmp_path):
 def test_confidence_interval_of_the_mean(values, mean, ci):
   assert np.mean(values) == pytest.approx(mean)
   if ci is None:
-    assert parity.ci95(values) is None
+    assert stats.ci95(values) is None
   else:
-    assert parity.ci95(values) == pytest.approx(ci, rel=1e-12)
+    assert stats.ci95(values) == pytest.approx(ci, rel=1e-12)
 
 
 def test_confidence_interval_table():
-  assert parity.ci95([0.5, 0.7, 0.9]) == pytest.approx(0.49687, abs=1e-5)
-  assert parity.T975[0] == 12.706 and parity.T975[29] == 2.042 and len(parity.T975) == 30
-  assert list(parity.T975) == sorted(parity.T975, reverse=True)
+  assert stats.ci95([0.5, 0.7, 0.9]) == pytest.approx(0.49687, abs=1e-5)
+  assert stats.T975[0] == 12.706 and stats.T975[29] == 2.042 and len(stats.T975) == 30
+  assert list(stats.T975) == sorted(stats.T975, reverse=True)
 
 
 # ---------------------------------------------------------------------------------------------

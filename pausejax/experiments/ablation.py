@@ -39,7 +39,6 @@ nothing.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Sequence
@@ -48,6 +47,7 @@ from absl import flags
 
 from pausejax.errors import UsageError
 from pausejax.errors import run
+from pausejax.experiments import stats
 
 
 def define_flags() -> None:
@@ -170,10 +170,6 @@ def _exact_match(config, workdir: str, m_inf: int, examples: int) -> float:
   return float(result["metrics"]["exact_match"])  # A percentage, as in T5's metrics.
 
 
-def _mean(values: Sequence[float]) -> float:
-  return math.fsum(values) / len(values)  # Exactly the value itself for one seed.
-
-
 def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """The scores of K seeds as reported: per-seed dicts in, one dict out.
 
@@ -183,7 +179,6 @@ def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
   the mean over the seeds, and the per-seed values (in the order given) and the half-width of the
   95 % confidence interval of the mean are added beside it.
   """
-  from pausejax.experiments import parity
   if not per_seed:
     raise ValueError("aggregate needs the scores of at least one seed")
   if len(per_seed) == 1:
@@ -192,20 +187,20 @@ def aggregate(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
   variants = {}
   for name, v in first["variants"].items():
     scores = [seed["variants"][name]["exact_match"] for seed in per_seed]
-    variants[name] = {**v, "exact_match": _mean(scores), "exact_match_per_seed": scores,
-                      "exact_match_ci95": parity.ci95(scores)}
+    variants[name] = {**v, "exact_match": stats.mean(scores), "exact_match_per_seed": scores,
+                      "exact_match_ci95": stats.ci95(scores)}
   sweep = {m: [seed["m_ft_sweep"][m] for seed in per_seed] for m in first["m_ft_sweep"]}
   robust = {name: {m: [seed["m_inf_robustness"][name][m] for seed in per_seed] for m in row}
             for name, row in first["m_inf_robustness"].items()}
   return {
       "variants": variants,
-      "m_ft_sweep": {m: _mean(v) for m, v in sweep.items()},
+      "m_ft_sweep": {m: stats.mean(v) for m, v in sweep.items()},
       "m_ft_sweep_per_seed": sweep,
-      "m_ft_sweep_ci95": {m: parity.ci95(v) for m, v in sweep.items()},
-      "m_inf_robustness": {name: {m: _mean(v) for m, v in row.items()}
+      "m_ft_sweep_ci95": {m: stats.ci95(v) for m, v in sweep.items()},
+      "m_inf_robustness": {name: {m: stats.mean(v) for m, v in row.items()}
                            for name, row in robust.items()},
       "m_inf_robustness_per_seed": robust,
-      "m_inf_robustness_ci95": {name: {m: parity.ci95(v) for m, v in row.items()}
+      "m_inf_robustness_ci95": {name: {m: stats.ci95(v) for m, v in row.items()}
                                 for name, row in robust.items()},
   }
 

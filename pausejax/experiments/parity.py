@@ -57,6 +57,8 @@ from typing import Any, Sequence
 from absl import flags
 import numpy as np
 
+from pausejax.experiments import stats
+
 from pausejax.errors import UsageError
 from pausejax.errors import check_writable_dir
 from pausejax.errors import run
@@ -254,26 +256,6 @@ def seed_u32(seed: int) -> np.uint32:
   return np.uint32(seed % 2 ** 32)
 
 
-# Student t quantiles t(0.975, df) for df = 1..30; beyond that the normal quantile 1.96.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def ci95(values: Sequence[float]) -> float | None:
-  """Half-width of the 95 % confidence interval of the mean of `values` (Student t with k - 1
-  degrees of freedom times sd / sqrt(k), sd with ddof 1); None for fewer than two values."""
-  k = len(values)
-  if k < 2:
-    return None
-  t = T975[k - 2] if k - 1 <= len(T975) else 1.96
-  return float(t * np.std(np.asarray(values, np.float64), ddof=1) / math.sqrt(k))
-
-
-def _mean(values: Sequence[float]) -> float:
-  return math.fsum(values) / len(values)  # Exactly the value itself for one seed.
-
-
 def _features(bits_xN: np.ndarray, num_pauses: int, lead: tuple[int, ...]) -> dict:
   """make_batch of all rows at once (it is row-wise), each feature reshaped to lead + (L,)."""
   return {k: v.reshape(*lead, v.shape[-1]) for k, v in make_batch(bits_xN, num_pauses).items()}
@@ -317,9 +299,9 @@ def train_replicas(s: Settings, datas: Sequence[ParityData], num_pauses: int,
     train_metrics = jax.device_get(train_metrics)
     acc_K = [float(a) for a in np.atleast_1d(terms["correct_sum"] / terms["weight_sum"])]
     loss_K = [float(a) for a in np.atleast_1d(terms["nll_sum"] / terms["weight_sum"])]
-    point = {"step": done, "eval_accuracy": _mean(acc_K), "eval_loss": _mean(loss_K),
-             "train_loss": _mean([float(a) for a in np.atleast_1d(train_metrics["train_loss"])]),
-             "train_accuracy": _mean(
+    point = {"step": done, "eval_accuracy": stats.mean(acc_K), "eval_loss": stats.mean(loss_K),
+             "train_loss": stats.mean([float(a) for a in np.atleast_1d(train_metrics["train_loss"])]),
+             "train_accuracy": stats.mean(
                  [float(a) for a in np.atleast_1d(train_metrics["train_accuracy"])]),
              "eval_accuracy_per_seed": acc_K, "eval_loss_per_seed": loss_K}
     curve.append(point)
@@ -335,10 +317,10 @@ def train_replicas(s: Settings, datas: Sequence[ParityData], num_pauses: int,
   best_K = [max(q["eval_accuracy_per_seed"][i] for q in curve) for i in range(k)]
   return {"num_bits": n, "num_pauses": num_pauses, "seq_len": n + 1 + num_pauses,
           "num_params": p.num_params, "steps_run": done,
-          "stopped_early": done < s.steps, "final_accuracy": _mean(final_K),
-          "best_accuracy": _mean(best_K), "num_eval": num_eval,
+          "stopped_early": done < s.steps, "final_accuracy": stats.mean(final_K),
+          "best_accuracy": stats.mean(best_K), "num_eval": num_eval,
           "wall_s": round(time.perf_counter() - start, 2), "seeds": seeds,
-          "final_accuracy_per_seed": final_K, "final_accuracy_ci95": ci95(final_K),
+          "final_accuracy_per_seed": final_K, "final_accuracy_ci95": stats.ci95(final_K),
           "best_accuracy_per_seed": best_K,
           # Where a lone run of that seed would have stopped (None: never solved).
           "solved_step_per_seed": solved_step, "curve": curve}
