@@ -182,11 +182,12 @@ def conditions() -> dict[str, Any]:
           "jax": jax.__version__, "python": platform.python_version()}
 
 
-def bench_pipeline(config, batches: int) -> float:
+def bench_pipeline(config, batches: int, data=None) -> float:
   """Tokens/s of the batched model features (all positions, pauses included), read as training
-  reads them: this process's data shards, joined into its rows of each global batch."""
+  reads them: this process's data shards, joined into its rows of each global batch. `data` is
+  `data.prepare(config)` when the caller has it already."""
   from pausejax import data as data_lib  # Only here: it loads TensorFlow and SeqIO.
-  data = data_lib.prepare(config)
+  data = data or data_lib.prepare(config)
   batch_sharding = sharding.batch_sharding(sharding.make_mesh(config.mesh),
                                            sharding.rules_dict(config.logical_axis_rules))
   it = data_lib.train_iterator(data, config, data_lib.plan(config, batch_sharding))
@@ -202,15 +203,14 @@ def bench_pipeline(config, batches: int) -> float:
 
 def without_pauses(config, rate_from: str):
   """The config with the same data and no pause insertion, or None if there is no such task."""
-  import seqio  # Only with the pipeline: it loads TensorFlow.
+  from pausejax import registry  # Only with the pipeline: it loads TensorFlow.
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    if rate_from == "pause.rate":
+    if rate_from == registry.RATE_FROM_CONFIG:
       config.pause.rate = None
-    elif rate_from == "the task":
-      base = config.task.removesuffix("_pause")
-      if base == config.task or base not in {*seqio.TaskRegistry.names(),
-                                             *seqio.MixtureRegistry.names()}:
+    elif rate_from == registry.RATE_FROM_TASK:
+      base = registry.unpaused_twin(config.task)
+      if base is None:
         return None
       config.task, config.eval_task = base, ""
   return config
@@ -261,7 +261,7 @@ def main(argv):
   if _PIPELINE.value:
     from pausejax import data as data_lib
     data = data or data_lib.prepare(config)
-    results["pipeline_tokens_per_sec"] = bench_pipeline(config, _PIPELINE_BATCHES.value)
+    results["pipeline_tokens_per_sec"] = bench_pipeline(config, _PIPELINE_BATCHES.value, data)
     print(f"pipeline           {results['pipeline_tokens_per_sec']:,.0f} tokens/s "
           f"({results['config']['task']})")
     plain = without_pauses(config, data.train.rate_from)

@@ -87,7 +87,7 @@ def insert_pauses_preprocessor(
   With rate 0 the dataset is returned untouched.
   """
   length = sequence_length[key] if sequence_length else None
-  if num_pauses(rate, length or 1_000_000) == 0:
+  if rate == 0 or (length and num_pauses(rate, length) == 0):  # No example gets a pause.
     return ds
   pause_id = _pause_id(output_features, key)
 

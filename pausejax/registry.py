@@ -39,6 +39,8 @@ from pausejax.errors import UsageError
 
 PRETRAINING, FINETUNING = "pretraining", "finetuning"
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
+# Where a run's pause rate comes from (RunTask.rate_from; "" when nothing inserts pauses).
+RATE_FROM_TASK, RATE_FROM_CONFIG = "the task", "pause.rate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,7 @@ class RunTask:
   kind: str                 # PRETRAINING or FINETUNING.
   parts: tuple[Part, ...]
   vocabulary: specials.SpecialsVocabulary
-  rate_from: str            # Where the pause rate comes from: "the task", "pause.rate" or "".
+  rate_from: str            # RATE_FROM_TASK, RATE_FROM_CONFIG or "" (no pauses).
 
   @property
   def is_mixture(self) -> bool:
@@ -100,6 +102,20 @@ def lookup(name: str, setting: str = "task") -> seqio.Task | seqio.Mixture:
         "module and name it in --config.task_modules") from None
 
 
+def _members(provider: seqio.Task | seqio.Mixture) -> list[tuple[seqio.Task, float]]:
+  """(task, mixing rate) of a Mixture's tasks, or [(task, 1.0)] for a Task."""
+  if isinstance(provider, seqio.Mixture):
+    return [(t, provider.get_rate(t)) for t in provider.tasks]
+  return [(provider, 1.0)]
+
+
+def unpaused_twin(name: str) -> str | None:
+  """The registered Task or Mixture `name` without its `_pause` suffix, if there is one."""
+  base = name.removesuffix("_pause")
+  registered = {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}
+  return base if base != name and base in registered else None
+
+
 def _name(config: ml_collections.ConfigDict, setting: str) -> str:
   return config.task if setting == "task" else (config.eval_task or config.task)
 
@@ -111,8 +127,7 @@ def vocab_path(config: ml_collections.ConfigDict) -> str:
   import_task_modules(config)
   if downstream.recipe(config.task) is not None:
     return corpus.DEFAULT_VOCAB_PATH
-  provider = lookup(config.task)
-  first = provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
+  first = _members(lookup(config.task))[0][0]
   feature = first.output_features.get("targets")
   if feature is None:
     raise UsageError.setting("task", config.task, "a task with a 'targets' feature")
@@ -141,24 +156,20 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
     split = recipe.train_split if setting == "task" else recipe.eval_split
     return RunTask(name, FINETUNING, (Part(name, view, 1.0, 0.0, split),), vocabulary, "")
 
-  provider = lookup(name, setting)
-  members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-  weights = ([provider.get_rate(t) for t in members] if isinstance(provider, seqio.Mixture)
-             else [1.0])
-  kinds = {t.name: FINETUNING if "inputs" in t.output_features else PRETRAINING for t in members}
+  members = _members(lookup(name, setting))
+  kinds = {t.name: FINETUNING if "inputs" in t.output_features else PRETRAINING
+           for t, _ in members}
   if len(set(kinds.values())) > 1:
     raise UsageError.setting(setting, name, "a mixture of pretraining tasks ('targets' only) or "
                              f"of fine-tuning tasks ('inputs' and 'targets'), not both: {kinds}")
-  kind = kinds[members[0].name]
+  kind = kinds[members[0][0].name]
   split = TRAIN_SPLIT if setting == "task" else EVAL_SPLIT
   vocabulary, parts, rate_from = None, [], ""
-  for task, weight in zip(members, weights):
+  for task, weight in members:
     if "targets" not in task.output_features:
       raise UsageError(f"task {task.name} has no 'targets' feature (has "
                        f"{sorted(task.output_features)}); pausejax trains on 'targets'")
-    features = {k: dataclasses.replace(f, vocabulary=specials.with_specials(
-        f.vocabulary, where=f"task {task.name}, feature {k!r}"))
-                for k, f in task.output_features.items()}
+    features = specials.with_specials_features(task)
     vocab = features["targets"].vocabulary
     _check_vocabulary(config, task.name, vocab, vocabulary)
     vocabulary = vocabulary or vocab
@@ -185,8 +196,8 @@ def _pretraining_pauses(config, task: seqio.Task, name: str):
   own, wanted = pause.rate_of(task), config.pause.rate
   if own:
     if wanted is not None and wanted != own:
-      base = task.name.removesuffix("_pause")
-      if base != task.name and base in seqio.TaskRegistry.names():
+      base = unpaused_twin(task.name)
+      if base:
         instead = f"--config.task={base}" + (f" --config.pause.rate={wanted}" if wanted else "")
       else:
         instead = "a task without a pause step, with --config.pause.rate"
@@ -194,9 +205,9 @@ def _pretraining_pauses(config, task: seqio.Task, name: str):
       raise UsageError.setting(
           "pause.rate", wanted, f"leave it unset, as task {task.name}{of} inserts pauses at rate "
           f"{own:g} itself (the rate is set once, by the task); for rate {wanted:g} use {instead}")
-    return [], own, "the task"
+    return [], own, RATE_FROM_TASK
   if wanted:
-    return [pause.pause_preprocessor(wanted)], float(wanted), "pause.rate"
+    return [pause.pause_preprocessor(wanted)], float(wanted), RATE_FROM_CONFIG
   return [], 0.0, ""
 
 
@@ -243,7 +254,6 @@ def _check_readable(task: seqio.Task, split: str, data_dir: str | None) -> None:
     readers.paths(source.patterns[split])
   elif isinstance(source, seqio.FileDataSource) and not source.list_shards(split):
     raise UsageError(f"task {task.name}: no files for split {split!r}")
-
 
 
 def _check_room(config, rate: float) -> None:

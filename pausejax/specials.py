@@ -16,6 +16,7 @@ inject pauses by accident. Only the pause preprocessor writes the id.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -176,6 +177,13 @@ def with_specials(vocabulary: seqio.Vocabulary, *, where: str) -> SpecialsVocabu
       f"{where} uses {got}; pausejax needs a seqio.SentencePieceVocabulary with extra_ids=0 "
       "(pausejax adds <pause>, <sink> and <backspace> after its ids): register the task with "
       "seqio.SentencePieceVocabulary(path) or pausejax.specials.load_vocabulary(path)")
+
+
+def with_specials_features(task: seqio.Task) -> dict[str, seqio.Feature]:
+  """`task`'s output features with every vocabulary made a `SpecialsVocabulary`."""
+  return {k: dataclasses.replace(f, vocabulary=with_specials(
+      f.vocabulary, where=f"task {task.name}, feature {k!r}"))
+          for k, f in task.output_features.items()}
 
 
 def model_file(vocabulary: SpecialsVocabulary) -> str:

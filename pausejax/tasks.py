@@ -21,7 +21,6 @@ pause variant of any registered Task or Mixture).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Mapping
 
@@ -133,10 +132,8 @@ def with_pauses(name: str, rate: float = PAUSE_RATE, *, new_name: str | None = N
     return seqio.MixtureRegistry.add(new_name, parts)
   if pause.rate_of(provider):
     raise UsageError(f"task {name!r} already inserts pauses (rate {pause.rate_of(provider)})")
-  features = {k: dataclasses.replace(f, vocabulary=specials.with_specials(
-      f.vocabulary, where=f"task {name}, feature {k!r}")) for k, f in provider.output_features.items()}
   return _register(pause.with_steps(provider, [pause.pause_preprocessor(rate)], name=new_name,
-                                    output_features=features))
+                                    output_features=specials.with_specials_features(provider)))
 
 
 # ---------------------------------------------------------------------------------------------

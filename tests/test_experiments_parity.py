@@ -14,6 +14,7 @@ import pytest
 
 from pausejax.errors import UsageError
 from pausejax.experiments import parity
+from pausejax.experiments import parity_report
 from pausejax.experiments import stats
 
 from conftest import REPO
@@ -197,7 +198,7 @@ def test_vmapped_replicas_match_separate_runs(replica_sweeps):
 
 def test_outputs_show_the_seeds(replica_sweeps, tmp_path):
   pair, singles = replica_sweeps
-  parity.write_outputs(pair, str(tmp_path), "python -m pausejax.experiments.parity --seeds=2")
+  parity_report.write_outputs(pair, str(tmp_path), "python -m pausejax.experiments.parity --seeds=2")
   cell = pair["runs"][0]
   markdown = (tmp_path / "results.md").read_text()
   row = next(line for line in markdown.splitlines() if line.startswith("| 5 |"))
@@ -207,8 +208,8 @@ def test_outputs_show_the_seeds(replica_sweeps, tmp_path):
     assert json.load(f)["runs"][0]["final_accuracy_per_seed"] == cell["final_accuracy_per_seed"]
   with open(tmp_path / "parity.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  table = parity.results_table(singles[0])  # One seed: no interval.
-  assert "±" not in table and "seed 3." in parity.results_markdown(singles[0], "c")
+  table = parity_report.results_table(singles[0])  # One seed: no interval.
+  assert "±" not in table and "seed 3." in parity_report.results_markdown(singles[0], "c")
 
 
 @pytest.mark.parametrize("values,mean,ci", [
