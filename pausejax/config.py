@@ -36,6 +36,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 # model.remat choices (pausejax.model.REMAT_POLICIES: what each block keeps for the backward pass).
 REMAT_CHOICES = ("none", "full", "minimal", "dots_saveable")
 NONFINITE_CHOICES = ("stop", "skip")
+START_TOKENS = ("bos", "sink", "none")  # pausejax.sinks: what every sequence starts with.
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -64,6 +65,10 @@ def defaults() -> ml_collections.ConfigDict:
   # answer only. "append" puts the pauses after the prompt (the paper's), "prepend" before it.
   c.pause.num_finetune = 0
   c.pause.position = "append"
+  # What every sequence starts with (pausejax.sinks): "bos" (id 0, seqio's shifted-in start),
+  # "sink" (a learnable <sink> at position 0, StreamingLLM's learnable sink) or "none" (the
+  # chunk's own first token; pretraining only). Set once: a `*_sink` task sets "sink" itself.
+  c.start_token = ml_collections.config_dict.placeholder(str)
   c.targets_len = 32                # (inputs, targets) tasks: answer tokens; the prompt gets the rest.
   c.prefix_lm = False               # Prompt (and its pauses) attend bidirectionally; else causal.
   c.init_from = ""                  # Start from this checkpoint's parameters (fresh optimizer).
@@ -93,6 +98,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.rope_theta = 10_000.0
   c.model.attention = "xla"         # "cudnn": fused flash attention on NVIDIA GPUs (bf16).
+  c.model.zero_sink = False         # SoftMax1 attention (an all-zero key/value in every row).
   c.model.scan_layers = False       # True: layers stacked and run by lax.scan (faster compiles).
   c.model.remat = "none"            # "full"/"minimal"/"dots_saveable": recompute in the backward.
   # Optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
@@ -141,6 +147,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "'append' (pauses after the prompt) or 'prepend' (before it)")
   _check(_is_int(c.targets_len) and c.targets_len >= 1, "targets_len", c.targets_len,
          "a positive integer")  # Its upper bound depends on the task: data.prepare checks it.
+  start = c.get("start_token")
+  _check(start is None or start in START_TOKENS, "start_token", start,
+         "unset (the task's), 'bos', 'sink' or 'none'")
+  _check(isinstance(c.model.get("zero_sink", False), bool), "model.zero_sink",
+         c.model.get("zero_sink"), "True or False")
   _check(isinstance(c.prefix_lm, bool), "prefix_lm", c.prefix_lm, "True or False")
   _check(isinstance(c.init_from, str), "init_from", c.init_from,
          "a checkpoint path (a workdir, its checkpoints/ or one step in it), or '' for none")

@@ -38,6 +38,7 @@ import tensorflow as tf
 from pausejax import pause
 from pausejax import readers
 from pausejax import registry
+from pausejax import sinks
 from pausejax import specials
 from pausejax.errors import RunError
 from pausejax.errors import UsageError
@@ -76,6 +77,9 @@ def prepare(config: ml_collections.ConfigDict) -> Data:
   """
   train = registry.resolve(config, "task")
   evaluation = registry.resolve(config, "eval_task")
+  if evaluation.start != train.start:
+    raise UsageError.setting("eval_task", evaluation.name, f"a task that starts like `task` "
+                             f"{train.name} (start token {train.start}, not {evaluation.start})")
   if evaluation.kind != train.kind:
     raise UsageError.setting("eval_task", evaluation.name, f"a {train.kind} task like `task` "
                              f"{train.name} (it is a {evaluation.kind} task)")
@@ -83,7 +87,10 @@ def prepare(config: ml_collections.ConfigDict) -> Data:
     raise UsageError.setting("eval_task", evaluation.name,
                              f"a task with the vocabulary of {train.name}")
   if train.kind == registry.PRETRAINING:
-    converter = pause.PauseLMFeatureConverter(train.vocabulary.pause_id, pack=config.pack)
+    # "bos": seqio shifts BOS in; "sink" and "none": the chunk is fed as it is (sinks.py).
+    converter = pause.PauseLMFeatureConverter(
+        train.vocabulary.pause_id, sink_id=train.vocabulary.sink_id, pack=config.pack,
+        shift=train.start == sinks.BOS)
     lengths = {"targets": config.seq_len}
   else:
     m_ft, targets_len = config.pause.num_finetune, config.targets_len
@@ -94,6 +101,7 @@ def prepare(config: ml_collections.ConfigDict) -> Data:
     # The eval split is built like the training one: its loss is the answer loss,
     # teacher-forced. Generation metrics (exact match, ...) come from `pausejax.evaluate`.
     converter = pause.PauseFTFeatureConverter(train.vocabulary.pause_id, pack=config.pack,
+                                              bos_id=train.start_ids[0],
                                               prefix_lm=config.prefix_lm)
     lengths = {"inputs": config.seq_len - targets_len, "targets": targets_len}
   return Data(vocabulary=train.vocabulary, train=train, eval=evaluation, converter=converter,

@@ -53,6 +53,8 @@ from pausejax import distributed
 from pausejax import downstream
 from pausejax import fs
 from pausejax import model as model_lib
+from pausejax import registry
+from pausejax import sinks
 from pausejax import specials
 from pausejax.errors import UsageError
 from pausejax.errors import run
@@ -67,7 +69,8 @@ class Settings:
   num_pauses: int = 0              # M_inf.
   pause_position: str = "append"   # Where fine-tuning put the pauses: after or before the inputs.
   prefix_lm: bool = False          # Fine-tuned with a bidirectional prefix (config.prefix_lm).
-  max_len: int = 256               # Positions per row: BOS + inputs + pauses + answer.
+  max_len: int = 256               # Positions per row: start + inputs + pauses + answer.
+  start_token: str = "bos"         # What every sequence starts with (pausejax.sinks).
   max_new_tokens: int = 0          # Generation budget (0: the longest target, EOS included).
   max_examples: int = 0            # First N examples of the split (0: all).
   batch_size: int = 16
@@ -79,6 +82,8 @@ class Settings:
       return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     if not is_int(self.num_pauses) or self.num_pauses < 0:
       raise UsageError.setting("num_pauses", self.num_pauses, "an integer >= 0")
+    if self.start_token not in (sinks.BOS, sinks.SINK, sinks.NONE):
+      raise UsageError.setting("start_token", self.start_token, "'bos', 'sink' or 'none'")
     if self.pause_position not in POSITIONS:
       raise UsageError.setting("pause.position", self.pause_position, " or ".join(POSITIONS))
     for name in ("max_new_tokens", "max_examples"):
@@ -94,7 +99,8 @@ class Settings:
     values = dict(num_pauses=pause_cfg.get("num_finetune", 0),
                   pause_position=pause_cfg.get("position", "append"),
                   prefix_lm=bool(config.get("prefix_lm", False)),
-                  max_len=config.seq_len, tfds_data_dir=config.tfds_data_dir or None)
+                  max_len=config.seq_len, tfds_data_dir=config.tfds_data_dir or None,
+                  start_token=registry.start_token(config))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
@@ -151,7 +157,8 @@ class TaskEvaluation:
                vocabulary: specials.SpecialsVocabulary, settings: Settings):
     settings.validate()
     self.recipe, self.vocabulary, self.settings = recipe, vocabulary, settings
-    self._bos = vocabulary.pad_id  # What seqio's converters feed at position 0.
+    # What every training sequence started with: BOS (seqio's shifted-in id 0), <sink>, or none.
+    self._start = sinks.start_ids(settings.start_token, vocabulary.sink_id)
     metric_fns = downstream.resolve_metrics(settings.metrics or recipe.metric_fns, recipe.kind)
     self.generative = recipe.kind == "generative"
     recipe.ensure_prepared(settings.tfds_data_dir)
@@ -183,11 +190,11 @@ class TaskEvaluation:
     for i, e in enumerate(self.examples):
       answer = self.max_new_tokens if self.generative else len(e.targets)
       # Decoding never feeds back its last token (it needs no slot); scoring reads a full row.
-      total = 1 + len(e.inputs) + s.num_pauses + answer - (1 if self.generative else 0)
+      total = len(self._start) + len(e.inputs) + s.num_pauses + answer - (1 if self.generative else 0)
       if total > s.max_len:
         what = "max_new_tokens" if self.generative else "answer tokens"
         raise UsageError(
-            f"max_len={s.max_len} is too small for example {i} of {self.recipe.name}: BOS + "
+            f"max_len={s.max_len} is too small for example {i} of {self.recipe.name}: start + "
             f"{len(e.inputs)} prompt tokens + num_pauses={s.num_pauses} + {answer} {what} = "
             f"{total}; raise --max_len (or --config.seq_len), or lower --num_pauses")
 
@@ -201,8 +208,8 @@ class TaskEvaluation:
 
   def _prompt(self, inputs: list[int]) -> list[int]:
     if self.settings.pause_position == "prepend":
-      return [self._bos] + [self.vocabulary.pause_id] * self.settings.num_pauses + inputs
-    return [self._bos] + inputs  # decode.generate appends the pauses.
+      return self._start + [self.vocabulary.pause_id] * self.settings.num_pauses + inputs
+    return self._start + inputs  # decode.generate appends the pauses.
 
   def _predict_fn(self, model, dataset, model_feature_shapes=None):
     del model_feature_shapes
@@ -216,7 +223,8 @@ class TaskEvaluation:
           model, prompts, max_new_tokens=self.max_new_tokens,
           num_pauses=s.num_pauses if append else 0, pause_id=self.vocabulary.pause_id,
           eos_id=self.vocabulary.eos_id, max_len=s.max_len,
-          vocab_size=self.vocabulary.vocab_size, prefix_lm=s.prefix_lm)
+          vocab_size=self.vocabulary.vocab_size, prefix_lm=s.prefix_lm,
+          bos_id=self._start[0] if self._start else None)
       for e, tokens in zip(batch, gen.tokens):
         self._predictions[e.index] = tokens
         out.append((e.index, tokens + [0] * (self.max_new_tokens - len(tokens))))

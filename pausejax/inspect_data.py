@@ -4,7 +4,7 @@ r"""Show what a task feeds the model.
         [--split=train|validation] [--config.task=my_task --config.pause.rate=0.2]
 
 Readable view (default): the task and the pause rate it is read with, then each example's target
-text with `<pause>` visible, plus counts (the task line goes to stderr with `--json`).
+text with `<pause>` (and a leading `<sink>`) visible, plus counts (the task line goes to stderr with `--json`).
 `--json`: one object per line with the model features as int lists under seqio's names
 (`decoder_target_tokens`, `decoder_input_tokens`, `decoder_loss_weights`, and
 `decoder_segment_ids` / `decoder_positions` when packed), `pause_id`, and `text`.
@@ -22,6 +22,7 @@ import numpy as np
 from pausejax import config as config_lib
 from pausejax import data as data_lib
 from pausejax import distributed
+from pausejax import sinks
 from pausejax.errors import UsageError
 from pausejax.errors import run
 
@@ -53,14 +54,18 @@ def to_json(example: dict[str, np.ndarray], data: data_lib.Data) -> dict:
   return obj
 
 
-def readable(i: int, example: dict[str, np.ndarray], data: data_lib.Data) -> str:
+def readable(i: int, example: dict[str, np.ndarray], data: data_lib.Data,
+             start: str = sinks.BOS) -> str:
   targets = example["decoder_target_tokens"]
   pauses = int(np.sum(targets == data.pause_id))
   real = int(np.sum(example["decoder_loss_weights"]))
+  # With a <sink> (or no start token) the chunk is fed as it is: show the inputs, sink first.
+  shown = targets if start == sinks.BOS else example["decoder_input_tokens"]
   bar = "=" * 100
   return (f"{bar}\nexample {i}: {len(targets)} target tokens | {pauses} <pause> | {real} with loss "
-          f"(pause targets and padding get none) | pause_id={data.pause_id}\n{bar}\n"
-          f"{data.vocabulary.render(targets)}\n")
+          f"(pause targets and padding get none) | pause_id={data.pause_id} | starts with "
+          f"{'<sink>' if start == sinks.SINK else start}\n{bar}\n"
+          f"{data.vocabulary.render(shown)}\n")
 
 
 def main(argv):
@@ -78,7 +83,8 @@ def main(argv):
   print(f"task {run_task.describe()}, split {run_task.parts[0].split}",
         file=sys.stderr if _JSON.value else sys.stdout)
   for i, ex in enumerate(exs):
-    sys.stdout.write(json.dumps(to_json(ex, data)) + "\n" if _JSON.value else readable(i, ex, data))
+    sys.stdout.write(json.dumps(to_json(ex, data)) + "\n" if _JSON.value
+                     else readable(i, ex, data, run_task.start))
   sys.stdout.flush()
 
 

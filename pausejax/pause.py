@@ -90,6 +90,7 @@ def insert_pauses_preprocessor(
   if rate == 0 or (length and num_pauses(rate, length) == 0):  # No example gets a pause.
     return ds
   pause_id = _pause_id(output_features, key)
+  sink_id = getattr(output_features[key].vocabulary, "sink_id", None)
 
   @seqio.map_over_dataset(num_seeds=1)
   def insert(features, seed):
@@ -105,7 +106,13 @@ def insert_pauses_preprocessor(
     tokens = tf.cast(tokens_N, tf.int64)
     weights = tf.range(1, tf.size(tokens, out_type=tf.int64) + 1) * 2654435761
     seed = tf.stack([seed[0], tf.bitwise.bitwise_xor(seed[1], tf.reduce_sum(tokens * weights))])
-    features[key] = insert_pauses(tokens_N, count=count, pause_id=pause_id, seed=seed)
+    # A leading <sink> (pausejax.sinks) stays at position 0: pauses go into the rest.
+    keep = 0
+    if sink_id is not None:
+      first = tf.concat([tokens_N[:1], tf.constant([-1], tokens_N.dtype)], axis=0)[0]
+      keep = tf.cast(tf.equal(first, tf.cast(sink_id, tokens_N.dtype)), tf.int32)
+    features[key] = tf.concat([tokens_N[:keep], insert_pauses(
+        tokens_N[keep:], count=count, pause_id=pause_id, seed=seed)], axis=0)
     return features
 
   return insert(ds)
@@ -141,15 +148,22 @@ def with_steps(task: seqio.Task, steps, *, name: str | None = None,
 
 
 class PauseLMFeatureConverter(seqio.LMFeatureConverter):
-  """seqio's decoder-only converter, plus: no loss where the target is `<pause>`.
+  """seqio's decoder-only converter, plus: no loss where the target is `<pause>` (or `<sink>`).
 
   This is the single place where pause targets are masked out; `decoder_loss_weights` is then
   1 exactly on real (non-padding, non-pause) targets.
+
+  `shift=False` feeds each sequence (each packed segment) as it is instead of shifting BOS in:
+  position i predicts token i + 1 of the same sequence, and the last has no target. That is how
+  a chunk that starts with `<sink>`, or with no start token at all, is read (`pausejax.sinks`).
   """
 
-  def __init__(self, pause_id: int, **kwargs):
+  def __init__(self, pause_id: int, *, sink_id: int | None = None, shift: bool = True,
+               **kwargs):
     super().__init__(**kwargs)
     self._pause_id = pause_id
+    self._sink_id = sink_id
+    self._shift = shift
 
   @property
   def pause_id(self) -> int:
@@ -157,8 +171,21 @@ class PauseLMFeatureConverter(seqio.LMFeatureConverter):
 
   def _convert_example(self, features):
     d = dict(super()._convert_example(features))
-    not_pause = tf.cast(tf.not_equal(d["decoder_target_tokens"], self._pause_id), tf.int32)
-    d["decoder_loss_weights"] = d["decoder_loss_weights"] * not_pause
+    if not self._shift:
+      tokens_L = features["targets"]
+      next_L = tf.concat([tokens_L[1:], tf.zeros([1], tokens_L.dtype)], axis=0)
+      segments_L = features.get("targets_segment_ids")
+      if segments_L is not None:  # The next token of another packed segment is no target.
+        same_L = tf.concat([tf.equal(segments_L[1:], segments_L[:-1]), [False]], axis=0)
+        next_L = tf.where(same_L, next_L, tf.zeros_like(next_L))
+      d["decoder_input_tokens"] = tokens_L
+      d["decoder_target_tokens"] = next_L
+      d["decoder_loss_weights"] = tf.cast(tf.not_equal(next_L, 0), tf.int32)
+    targets_L = d["decoder_target_tokens"]
+    keep_L = tf.not_equal(targets_L, self._pause_id)
+    if self._sink_id is not None:
+      keep_L &= tf.not_equal(targets_L, self._sink_id)
+    d["decoder_loss_weights"] = d["decoder_loss_weights"] * tf.cast(keep_L, tf.int32)
     return d
 
 

@@ -8,10 +8,12 @@ after its last preprocessor pausejax adds only what it owns:
   vocabulary  a plain SentencePiece vocabulary gets the special ids appended (`specials.py`)
   pauses      pretraining ("targets" only): PausePT insertion at the run's pause rate;
               fine-tuning ("inputs" and "targets"): `pause.num_finetune` pauses at the prompt
+  start       pretraining with `start_token="sink"`: `<sink>` at position 0 (`sinks.py`)
 
 The pause rate is set in exactly one place. A task with a pause step (pausejax's `*_pause` tasks,
 `tasks.with_pauses` variants) carries its own rate, and `pause.rate` must then be left unset (or
 equal it); a task without one gets `pause.rate` (unset: no pauses). Anything else is an error.
+The start token (`sinks.py`) follows the same rule: a task with a sink step carries "sink".
 
 pausejax's downstream tasks (`downstream.py`) are the one exception to "untouched": registered in
 their evaluation view, they are rebuilt from their recipe in the fine-tuning view, with the
@@ -33,6 +35,7 @@ from pausejax import downstream
 from pausejax import fs
 from pausejax import pause
 from pausejax import readers
+from pausejax import sinks
 from pausejax import specials
 from pausejax import tasks  # noqa: F401  Registers pausejax's own tasks.
 from pausejax.errors import UsageError
@@ -61,6 +64,11 @@ class RunTask:
   parts: tuple[Part, ...]
   vocabulary: specials.SpecialsVocabulary
   rate_from: str            # RATE_FROM_TASK, RATE_FROM_CONFIG or "" (no pauses).
+  start: str = sinks.BOS    # What every sequence starts with: sinks.BOS, SINK or NONE.
+
+  @property
+  def start_ids(self) -> list[int]:
+    return sinks.start_ids(self.start, self.vocabulary.sink_id)
 
   @property
   def is_mixture(self) -> bool:
@@ -78,7 +86,8 @@ class RunTask:
     rates = sorted({p.pause_rate for p in self.parts})
     rate = (f"pause rate {rates[0]:g}" if len(rates) == 1 else
             "pause rates " + ", ".join(f"{p.name} {p.pause_rate:g}" for p in self.parts))
-    return f"{name} ({rate}{f', set by {self.rate_from}' if self.rate_from else ''})"
+    start = "" if self.start == sinks.BOS else f", start token {self.start}"
+    return f"{name} ({rate}{f', set by {self.rate_from}' if self.rate_from else ''}{start})"
 
 
 def import_task_modules(config: ml_collections.ConfigDict) -> None:
@@ -149,12 +158,13 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
   if recipe is not None:
     if config.pause.rate:
       raise _rate_for_finetuning(config, name)
+    start = _finetune_start(config.get("start_token"), name)
     recipe.ensure_prepared(data_dir)
     vocabulary = specials.load_vocabulary(config.vocab_path or corpus.DEFAULT_VOCAB_PATH)
     view = recipe.build(vocabulary, mode="train", tfds_data_dir=data_dir,
                         extra_preprocessors=[_finetune_pauses(config)])
     split = recipe.train_split if setting == "task" else recipe.eval_split
-    return RunTask(name, FINETUNING, (Part(name, view, 1.0, 0.0, split),), vocabulary, "")
+    return RunTask(name, FINETUNING, (Part(name, view, 1.0, 0.0, split),), vocabulary, "", start)
 
   members = _members(lookup(name, setting))
   kinds = {t.name: FINETUNING if "inputs" in t.output_features else PRETRAINING
@@ -164,7 +174,11 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
                              f"of fine-tuning tasks ('inputs' and 'targets'), not both: {kinds}")
   kind = kinds[members[0][0].name]
   split = TRAIN_SPLIT if setting == "task" else EVAL_SPLIT
-  vocabulary, parts, rate_from = None, [], ""
+  vocabulary, parts, rate_from, starts = None, [], "", set()
+  # The eval split is read the way training reads its own: with the training task's start.
+  wanted = config.get("start_token")
+  if setting != "task" and wanted is None:
+    wanted = start_token(config)
   for task, weight in members:
     if "targets" not in task.output_features:
       raise UsageError(f"task {task.name} has no 'targets' feature (has "
@@ -178,17 +192,64 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
       if config.pause.rate:
         raise _rate_for_finetuning(config, task.name)
       steps, rate = [_finetune_pauses(config)], 0.0
+      if sinks.has_sink(task):
+        raise UsageError(f"task {task.name} is a fine-tuning task with a sink step; fine-tuning "
+                         "tasks start with the run's start_token through the feature converter")
+      starts.add(_finetune_start(wanted, task.name))
     else:
       steps, rate, by = _pretraining_pauses(config, task, name)
       rate_from = rate_from or by
+      sink_steps, start = _pretraining_start(wanted, task, name)
+      steps += sink_steps
+      starts.add(start)
     view = pause.with_steps(task, steps, output_features=features)
     parts.append(Part(task.name, view, float(weight), rate, split))
   if kind == PRETRAINING:
     _check_room(config, max(p.pause_rate for p in parts))
+  if len(starts) > 1:
+    raise UsageError.setting(setting, name, "a mixture whose tasks all start the same way; "
+                             "some put <sink> at position 0 and some do not")
   path = specials.model_file(vocabulary)
   if not fs.exists(path):
     raise UsageError(f"the vocabulary of task {name}, {path}, cannot be read (no such file)")
-  return RunTask(name, kind, tuple(parts), vocabulary, rate_from)
+  return RunTask(name, kind, tuple(parts), vocabulary, rate_from, starts.pop())
+
+
+def _pretraining_start(wanted: str | None, task: seqio.Task, name: str):
+  """(steps to add, start token) for a pretraining task: set once, by the task or `wanted`
+  (`start_token`)."""
+  if sinks.has_sink(task):
+    if wanted not in (None, sinks.SINK):
+      of = "" if task.name == name else f" (of {name})"
+      raise UsageError.setting(
+          "start_token", wanted, f"unset or 'sink': task {task.name}{of} puts <sink> at "
+          f"position 0 itself; for start_token={wanted} use a task without a sink step")
+    return [], sinks.SINK
+  if wanted == sinks.SINK:
+    return [sinks.sink_preprocessor()], sinks.SINK
+  return [], wanted or sinks.BOS
+
+
+def _finetune_start(wanted: str | None, name: str) -> str:
+  wanted = wanted or sinks.BOS
+  if wanted == sinks.NONE:
+    raise UsageError.setting(
+        "start_token", wanted, f"'bos' or 'sink': {name} is a fine-tuning task, whose prompt "
+        "and answer follow a start token (pretrain with 'none', then fine-tune with 'bos')")
+  return wanted
+
+
+def start_token(config: ml_collections.ConfigDict) -> str:
+  """The run's start token ("bos", "sink" or "none") without reading any data: what generation
+  and streaming put first. Raises UsageError like `resolve` for a clash."""
+  import_task_modules(config)
+  wanted = config.get("start_token")
+  if downstream.recipe(config.task) is not None:
+    return _finetune_start(wanted, config.task)
+  task = _members(lookup(config.task))[0][0]
+  if "inputs" in task.output_features:
+    return _finetune_start(wanted, task.name)
+  return _pretraining_start(wanted, task, config.task)[1]
 
 
 def _pretraining_pauses(config, task: seqio.Task, name: str):

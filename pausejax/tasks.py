@@ -4,14 +4,16 @@ Registered on import as ordinary seqio Tasks (T5 style, `seqio.get_mixture_or_ta
 
   shakespeare            the embedded public-domain corpus (`pausejax_shakespeare` TFDS dataset)
   shakespeare_pause      the same with PausePT insertion at rate 0.1
+  shakespeare_sink       the same with a learnable <sink> at position 0 (StreamingLLM; sinks.py)
   c4                     TFDS `c4/en:3.1.0` with T5's 32k vocabulary (prepare it yourself; README)
   c4_pause               the same with PausePT insertion at rate 0.1
+  c4_sink                the same with a learnable <sink> at position 0
   addition_lm            the embedded addition data as text ("123+45=168"), for mixing
   shakespeare_addition   Mixture: shakespeare 9 : addition_lm 1
   shakespeare_addition_pause   the same mixture of the tasks' `_pause` variants
 
 A pretraining task is: text -> tokenize -> [cache point] -> EOS -> concatenate and split into
-`seq_len` chunks -> (`_pause` tasks) insert pauses. The pause rate is part of the task: a task
+`seq_len` chunks -> (`_pause` tasks) insert pauses -> (`_sink` tasks) `<sink>` first. The pause rate is part of the task: a task
 without a pause step gets one from `--config.pause.rate` (see `pausejax.registry`).
 
 Any seqio Task or Mixture works as `config.task`, these are only pausejax's own. Helpers:
@@ -31,6 +33,7 @@ from pausejax import corpus
 from pausejax import pause
 from pausejax import preprocessors
 from pausejax import readers
+from pausejax import sinks
 from pausejax import specials
 from pausejax.errors import UsageError
 
@@ -70,6 +73,7 @@ def register_pretraining_task(
     files: Mapping[str, str] | None = None,
     text_key: str = "text",
     pause_rate: float = 0.0,
+    sink: bool = False,
     tfds_data_dir: str | None = None,
     vocab_path: str | None = None,
     shuffle_buffer_size: int = 10_000,
@@ -80,8 +84,9 @@ def register_pretraining_task(
   .txt or .txt.gz files, local or gs://; JSON lines give their `text_key` field, text files split
   documents at blank lines) must be given; runs read the "train" and "validation" splits. Files
   are streamed, sharded by file where there are at least as many files as data shards.
-  `pause_rate` > 0 appends PausePT insertion (the `_pause` variant); `vocab_path` is a
-  SentencePiece model (default: the embedded one).
+  `pause_rate` > 0 appends PausePT insertion (the `_pause` variant); `sink` puts a learnable
+  `<sink>` at position 0 of every chunk (the `_sink` variant, `pausejax.sinks`); `vocab_path`
+  is a SentencePiece model (default: the embedded one).
 
   Example (a corpus of your own, in a module your config imports or `--config.task_modules`)::
 
@@ -106,6 +111,8 @@ def register_pretraining_task(
   steps = pretraining_steps(text_key)
   if pause_rate:
     steps.append(pause.pause_preprocessor(pause_rate))
+  if sink:
+    steps.append(sinks.sink_preprocessor())
   return _register(seqio.Task(
       name=name, source=source, preprocessors=steps,
       output_features={"targets": seqio.Feature(_vocabulary(vocab_path), add_eos=True,
@@ -163,6 +170,7 @@ def _register_defaults() -> None:
     register_pretraining_task(base, tfds_name=tfds_name, vocab_path=vocab)
     register_pretraining_task(f"{base}_pause", tfds_name=tfds_name, vocab_path=vocab,
                               pause_rate=PAUSE_RATE)
+    register_pretraining_task(f"{base}_sink", tfds_name=tfds_name, vocab_path=vocab, sink=True)
   _register_addition_lm()
   with_pauses("addition_lm")
   for suffix in ("", "_pause"):

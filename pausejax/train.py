@@ -41,6 +41,7 @@ from pausejax import distributed
 from pausejax import fs
 from pausejax import metrics
 from pausejax import model as model_lib
+from pausejax import registry
 from pausejax import specials
 from pausejax.errors import RunError
 from pausejax.errors import UsageError
@@ -159,6 +160,32 @@ def _task_rows(data: data_lib.Data, train_iter) -> dict[str, float]:
   return {f"examples/{p.name}": float(n) for p, n in zip(data.train.parts, rows)}
 
 
+def _check_init_from(config, start: str) -> None:
+  """The run `init_from` names must have started its sequences, and attended, the same way: the
+  parameters would load either way (same shapes) and quietly compute something else."""
+  path = config.init_from.rstrip("/")
+  saved = None
+  for workdir in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    saved = config_lib.load_saved(workdir) if workdir else None
+    if saved is not None:
+      break
+  if saved is None:  # A bare checkpoint: nothing to compare.
+    return
+  source = config_lib.from_saved(saved)
+  try:
+    source_start = registry.start_token(source)
+  except UsageError:  # Its tasks are not registered here; the model settings still compare.
+    source_start = start
+  if source_start != start:
+    raise UsageError.setting(
+        "start_token", config.get("start_token"), f"{source_start!r}: init_from "
+        f"{config.init_from} was trained with sequences that start with {source_start!r}")
+  zero_sink = bool(source.model.get("zero_sink", False))
+  if zero_sink != bool(config.model.get("zero_sink", False)):
+    raise UsageError.setting("model.zero_sink", config.model.get("zero_sink", False),
+                             f"{zero_sink}, as in init_from {config.init_from}")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # 1. Config: every bad value fails here, before anything is written. A resumed run must be
   # the saved one (config.json); a finished run is only reported again.
@@ -193,6 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # this workdir has a checkpoint of its own, re-running resumes from that instead.
   init_params = None
   if config.init_from and saved_step is None:
+    _check_init_from(config, data.train.start)
     init_params = checkpoint.load_params(config.init_from, run_.abstract_params_tree)
   ckpt = checkpoint.Checkpointer(
       ckpt_dir, keep=config.keep_checkpoints,
