@@ -4,10 +4,11 @@
                    pause_id=vocab.pause_id, eos_id=vocab.eos_id, max_len=256)
     out.tokens  # One answer per prompt: token ids, no <pause>, no EOS.
 
-Every prompt starts with BOS, id 0 (`bos_id`): seqio's feature converters shift that id (the pad
-id) in at position 0 of every training sequence, so a prompt without it is not what the model was
-trained on. `generate` raises a UsageError for such a prompt rather than adding BOS itself (the
-callers in this package, e.g. `pausejax.generate`, prepend it already).
+Every prompt starts with the run's start id (`bos_id`; default 0, the BOS that seqio's feature
+converters shift in at position 0 of every training sequence; `<sink>` for a run with a learnable
+sink, see `pausejax.sinks`): a prompt without it is not what the model was trained on.
+`generate` raises a UsageError for such a prompt rather than adding the id itself (the callers in
+this package, e.g. `pausejax.generate`, prepend it already); `bos_id=None` checks nothing.
 
 Inference as in Goyal et al. 2023: every prompt gets `num_pauses` `<pause>` ids appended, the model
 reads prompt + pauses, and the answer is what it produces after the last pause. Its outputs at the
@@ -33,6 +34,11 @@ then nucleus top-p (1.0 = off), then a categorical draw with key `fold_in(key(se
 seed gives the same tokens with and without the cache. Embedding rows at or beyond `vocab_size`
 (padding up to a multiple of 128) are never sampled.
 
+Streaming (`window` > 0, `pausejax.stream`): the cache keeps the first `num_sinks` tokens and the
+`window` most recent ones, with positions inside the cache, so prompt + answer may be any length
+at constant memory (`max_len` is then not needed). The prompts are fed token by token, padded
+to a multiple of 64 columns (one compilation per such width).
+
 `generate_without_cache` is the reference: the same loop, but every step runs the full model over
 the whole [B, max_len] token buffer and reads the logits after each row's last token.
 `benchmark` times both.
@@ -51,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pausejax import model as model_lib
+from pausejax import stream
 from pausejax.errors import UsageError
 
 _NOT_GENERATED = -1  # Output slots after a row stopped (and ids never produced by the model).
@@ -160,6 +167,17 @@ def _generate_cached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_
                       max_new_tokens, sampler)
 
 
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "num_sinks", "window"))
+def _generate_streaming(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_size, *,
+                        max_new_tokens: int, sampler: Sampler, prefix_lm: bool, num_sinks: int,
+                        window: int) -> jax.Array:
+  del prefix_lm  # Always False here (refused by prepare_inputs).
+  model = nnx.merge(graphdef, state)
+  logits_BxV, cache = stream.prefill(model, inputs_BxS, lengths_B, num_sinks, window)
+  return _decode_loop(functools.partial(stream.step, model), cache, logits_BxV, key, eos_id,
+                      vocab_size, max_new_tokens, sampler)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_uncached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_size, *,
                        max_new_tokens: int, sampler: Sampler, prefix_lm: bool) -> jax.Array:
@@ -191,19 +209,34 @@ def with_pauses(prompts: Sequence[Sequence[int]], num_pauses: int,
   return [[int(t) for t in p] + [int(pause_id)] * num_pauses for p in prompts]
 
 
+_STREAM_BLOCK = 64  # Streaming: prompts are padded to a multiple of this (fewer compilations).
+
+
 def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
-                   max_new_tokens: int, num_pauses: int, pause_id: int, max_len: int,
-                   vocab_size: int | None = None, bos_id: int | None = 0):
+                   max_new_tokens: int, num_pauses: int, pause_id: int, max_len: int | None,
+                   vocab_size: int | None = None, bos_id: int | None = 0, num_sinks: int = 0,
+                   window: int = 0, prefix_lm: bool = False):
   """Validates a request; returns (rows = prompt + pauses, padded inputs BxS, lengths B).
 
   Raises UsageError for any bad setting, or for a prompt that does not start with `bos_id`
-  (None: no check); `generate` calls it, and a CLI can call it early.
+  (None: no check); `generate` calls it, and a CLI can call it early. With `window` > 0
+  (streaming) `max_len` is not used and may be None.
   """
   if isinstance(prompts, (str, bytes)) or not prompts:
     raise UsageError.setting("prompts", prompts, "a non-empty list of token-id lists")
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise UsageError.setting("max_new_tokens", max_new_tokens, "an integer >= 1")
-  if not _is_int(max_len) or max_len < 1 or (cfg.max_len is not None and max_len > cfg.max_len):
+  streaming = window != 0
+  if streaming:
+    stream.check_settings(num_sinks, window, cfg.max_len)
+    if prefix_lm:
+      raise UsageError.setting("prefix_lm", prefix_lm, "False with a streaming cache (window > 0):"
+                               " it feeds the prompt token by token, causally")
+  elif num_sinks != 0:
+    raise UsageError.setting("num_sinks", num_sinks, "0 with window=0 (the dense cache); give "
+                             "window >= 1 to stream")
+  elif not _is_int(max_len) or max_len < 1 or (cfg.max_len is not None
+                                               and max_len > cfg.max_len):
     limit = "" if cfg.max_len is None else f" and <= model.max_len={cfg.max_len}"
     raise UsageError.setting("max_len", max_len, f"an integer >= 1{limit}")
   if not _is_int(pause_id) or not 0 <= pause_id < cfg.vocab_size:
@@ -224,12 +257,14 @@ def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
           f"prompts[{i}] {first}: every prompt must start with the BOS id {bos_id}, as every "
           f"training sequence does (or pass bos_id=None)")
     # The last new token is never fed back: it needs no position.
-    if len(row) + max_new_tokens - 1 > max_len:
+    if not streaming and len(row) + max_new_tokens - 1 > max_len:
       raise UsageError(
           f"max_len={max_len} is too small for prompts[{i}]: {len(prompt)} tokens + "
           f"num_pauses={num_pauses} + max_new_tokens={max_new_tokens} - 1 (the last new token is "
           f"never fed back) = {len(row) + max_new_tokens - 1}; raise max_len or shorten the "
           f"request")
+  if streaming:
+    max_len = -(-max(map(len, rows)) // _STREAM_BLOCK) * _STREAM_BLOCK
   inputs_BxS = np.zeros((len(rows), max_len), np.int32)  # Right padding (never attended to).
   for b, row in enumerate(rows):
     inputs_BxS[b, :len(row)] = row
@@ -238,11 +273,15 @@ def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
 
 
 def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, temperature,
-         top_k, top_p, seed, max_len, vocab_size, prefix_lm, bos_id) -> Generation:
+         top_k, top_p, seed, max_len, vocab_size, prefix_lm, bos_id, num_sinks=0,
+         window=0) -> Generation:
   sampler = Sampler(temperature, top_k, top_p)
   rows, inputs_BxS, lengths_B = prepare_inputs(
       model.cfg, prompts, max_new_tokens=max_new_tokens, num_pauses=num_pauses, pause_id=pause_id,
-      max_len=max_len, vocab_size=vocab_size, bos_id=bos_id)
+      max_len=max_len, vocab_size=vocab_size, bos_id=bos_id, num_sinks=num_sinks, window=window,
+      prefix_lm=prefix_lm)
+  if window:
+    loop = functools.partial(_generate_streaming, num_sinks=num_sinks, window=window)
   if eos_id is not None and not _is_int(eos_id):
     raise UsageError.setting("eos_id", eos_id, "an integer id or None (never stop early)")
   eos = _NOT_GENERATED if eos_id is None else int(eos_id)  # Sampled ids are never negative.
@@ -260,10 +299,10 @@ def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, 
 
 
 def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             num_pauses: int, pause_id: int, eos_id: int | None, max_len: int,
+             num_pauses: int, pause_id: int, eos_id: int | None, max_len: int | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              vocab_size: int | None = None, prefix_lm: bool = False,
-             bos_id: int | None = 0) -> Generation:
+             bos_id: int | None = 0, num_sinks: int = 0, window: int = 0) -> Generation:
   """Decodes a batch of prompts (token-id lists) with a KV cache.
 
   Args:
@@ -272,14 +311,17 @@ def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_
     max_new_tokens: sampling steps after the pauses (model-emitted pauses count, see above).
     num_pauses: `<pause>` ids appended to every prompt (M_inf); 0 = plain decoding.
     pause_id, eos_id: special ids; `eos_id=None` never stops early. EOS is not returned.
-    max_len: cache slots per row; needs len(prompt) + num_pauses + max_new_tokens - 1 <= max_len
-      (the last new token is never fed back).
+    max_len: dense cache slots per row; needs len(prompt) + num_pauses + max_new_tokens - 1 <=
+      max_len (the last new token is never fed back). Not used when streaming.
     temperature, top_k, top_p, seed: see `Sampler`; temperature 0 is greedy.
     vocab_size: ids >= vocab_size are never sampled (None: every embedding row may be).
     prefix_lm: the prompt and its pauses attend to each other both ways (a model fine-tuned
       with `prefix_lm=True`); generated tokens stay causal.
-    bos_id: the id every prompt must start with (seqio's shifted-in pad id, 0, begins every
-      training sequence); None: prompts are not checked.
+    bos_id: the id every prompt must start with (the run's start id: 0, seqio's shifted-in pad
+      id, unless the run starts with `<sink>`); None: prompts are not checked.
+    num_sinks, window: with window > 0, decode with the streaming cache (`pausejax.stream`) of
+      num_sinks sink slots and window recent ones (0 <= num_sinks <= window): prompt + answer
+      may be any length. window=0 (default): the dense cache of max_len slots.
 
   Raises:
     UsageError: a bad setting, a prompt without BOS, or a prompt that does not fit in max_len.
@@ -287,7 +329,7 @@ def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_
   return _run(_generate_cached, model, prompts, max_new_tokens=max_new_tokens,
               num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
               top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size,
-              prefix_lm=prefix_lm, bos_id=bos_id)
+              prefix_lm=prefix_lm, bos_id=bos_id, num_sinks=num_sinks, window=window)
 
 
 def generate_without_cache(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *,

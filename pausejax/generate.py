@@ -1,15 +1,19 @@
 r"""Answer prompts with a trained (pause-token) model.
 
     python -m pausejax.generate --workdir=runs/tiny --prompt="ROMEO:" [--prompt="JULIET:" ...] \
-        [--num_pauses=10] [--max_new_tokens=32] [--temperature=0.8 --top_k=40 --top_p=0.95]
+        [--num_pauses=10] [--max_new_tokens=32] [--temperature=0.8 --top_k=40 --top_p=0.95] \
+        [--num_sinks=4 --window=252]
 
 Reads the run's settings from `<workdir>/config.json` (model, vocabulary, and how it was
 fine-tuned: M = `pause.num_finetune` pauses, `pause.position`, `prefix_lm`) and the parameters
 of its latest checkpoint (read-only; not the optimizer state). Each prompt is encoded after the
-BOS id 0 that training sequences start with; `--num_pauses` `<pause>` tokens (default: the run's
-M_ft) go after it ("append") or before it ("prepend"); the answer is decoded after the last pause
-(see `pausejax.decode`). Temperature 0 (default) is greedy. `--config` is needed only for runs
-without config.json, and must otherwise agree with it.
+run's start id (BOS 0, or `<sink>`, as its training sequences start; none for start_token
+"none"); `--num_pauses` `<pause>` tokens (default: the run's M_ft) go after the prompt ("append")
+or right after the start id ("prepend"); the answer is decoded after the last pause (see
+`pausejax.decode`). Temperature 0 (default) is greedy. `--window=W` (with `--num_sinks=S`)
+decodes with the streaming cache (`pausejax.stream`): S + W slots, so prompt + answer may exceed
+the run's seq_len. `--config` is needed only for runs without config.json, and must otherwise
+agree with it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pausejax import data as data_lib
 from pausejax import decode
 from pausejax import distributed
 from pausejax import model as model_lib
+from pausejax import registry
+from pausejax import sinks
 from pausejax import specials
 from pausejax.errors import UsageError
 from pausejax.errors import run
@@ -46,6 +52,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_new_tokens", 32, "Answer tokens to sample at most.")
   flags.DEFINE_integer(
       "max_len", 0, "KV-cache slots per prompt, >= prompt + pauses + answer (0 = config.seq_len).")
+  flags.DEFINE_integer("num_sinks", 0, "Streaming cache: first tokens kept (with --window).")
+  flags.DEFINE_integer("window", 0, "Streaming cache: recent tokens kept (0 = the dense cache "
+                       "of --max_len slots).")
   flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
   flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = off).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
@@ -68,27 +77,35 @@ def main(argv):
   prefix_lm = bool(config.prefix_lm if f.prefix_lm is None else f.prefix_lm)
   if num_pauses < 0:
     raise UsageError.setting("--num_pauses", num_pauses, "an integer >= 0")
+  if f.window and f.max_len:
+    raise UsageError.setting("--max_len", f.max_len, "unset with --window (the streaming cache "
+                             "has --num_sinks + --window slots, whatever the length)")
   vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
-  # BOS: seqio's converters start every training sequence with id 0 (the shifted-in pad).
-  # "prepend": the pauses come right after BOS, as fine-tuning put them.
+  # The run's start id(s), as its training sequences begin (BOS 0, <sink>, or none).
+  start = sinks.start_ids(registry.start_token(config), vocabulary.sink_id)
+  # "prepend": the pauses come right after the start id, as fine-tuning put them.
   prepended = [vocabulary.pause_id] * num_pauses if position == "prepend" else []
-  prompts = [[vocabulary.pad_id] + prepended + list(vocabulary.encode(p)) for p in f.prompt]
+  prompts = [start + prepended + list(vocabulary.encode(p)) for p in f.prompt]
   request = dict(max_new_tokens=f.max_new_tokens,
                  num_pauses=0 if position == "prepend" else num_pauses,
-                 pause_id=vocabulary.pause_id, max_len=f.max_len or config.seq_len,
-                 vocab_size=vocabulary.vocab_size)
+                 pause_id=vocabulary.pause_id,
+                 max_len=None if f.window else f.max_len or config.seq_len,
+                 vocab_size=vocabulary.vocab_size, bos_id=start[0] if start else None,
+                 num_sinks=f.num_sinks, window=f.window)
   rows = specials.padded_vocab_size(vocabulary.vocab_size)
   # Bad settings fail before the (slow) restore; prompts[i] is the i-th --prompt.
   decode.Sampler(f.temperature, f.top_k, f.top_p)
   decode.prepare_inputs(model_lib.ModelConfig.from_config(config.model, rows), prompts,
-                        **request)
+                        prefix_lm=prefix_lm, **request)
 
   model, step = build.restore_model(config, f.workdir, rows, vocabulary.pause_id)
   out = decode.generate(model, prompts, eos_id=vocabulary.eos_id, temperature=f.temperature,
                         top_k=f.top_k, top_p=f.top_p, seed=f.seed, prefix_lm=prefix_lm,
                         **request)
   if jax.process_index() == 0:
-    print(f"checkpoint step {step} | {num_pauses} pause(s), {position} | prefix_lm {prefix_lm}")
+    cache = f" | streaming cache {f.num_sinks} + {f.window}" if f.window else ""
+    print(f"checkpoint step {step} | {num_pauses} pause(s), {position} | prefix_lm {prefix_lm}"
+          f"{cache}")
     for text, answer in zip(f.prompt, out.tokens):
       print(f"prompt: {text}")
       print(f"answer: {vocabulary.decode(answer)}", flush=True)

@@ -10,57 +10,56 @@ frequencies, F mlp_dim, V vocab_size (embedding rows).
 Precision: parameters are stored in `param_dtype` and cast to the compute `dtype` for every matmul;
 RMSNorm statistics, RoPE rotation, attention softmax and the logits are float32.
 
-Packing: with `segment_ids_BxL` a token attends only to earlier-or-same tokens of its own segment;
-`positions_BxL` (reset to 0 at each segment start) feed RoPE, so a packed segment computes exactly
-what it would alone. Segment id 0 marks padding; padding only sees padding.
+Packing: with `segment_ids_BxL` a token attends only to earlier-or-same tokens of its segment;
+`positions_BxL` (reset to 0 at each segment start) feed RoPE, so a packed segment computes
+exactly what it would alone. Segment id 0 marks padding; padding only sees padding.
 
-Initialisation: every kernel is truncated normal with variance 1/fan_in (fan_in = the contracted
-input dims). The two projections that write into the residual stream (attention output, MLP
-down) get a further 1/(2 * num_layers) variance factor, so the 2 * num_layers residual updates
-add up to O(1) variance whatever the depth (GPT-2 style). The embedding uses fan_in = d_model,
-which gives logits of order 1 when it is tied. RMSNorm scales start at 1.
+Initialisation: kernels are truncated normal with variance 1/fan_in (the contracted input dims);
+the attention output and MLP down projections, which write into the residual stream, get a
+further 1/(2 * num_layers), so the residual variance stays O(1) whatever the depth (GPT-2 style).
+The embedding uses fan_in = d_model (logits of order 1 when tied). RMSNorm scales start at 1.
 
 Sharding: every parameter carries logical axis names as the `out_sharding` metadata of its
-`nnx.Param` ('vocab', 'embed', 'heads', 'kv', 'mlp', 'norm'; see the shapes below). The params are
-created with `eager_sharding=False`, so building a model needs no mesh (flax's default would
-demand one). To place a model on a mesh, map the names to mesh axes:
+`nnx.Param` ('vocab', 'embed', 'heads', 'kv', 'mlp', 'norm'), created with `eager_sharding=False`
+so building a model needs no mesh. To place a model on a mesh, map the names to mesh axes:
 
   with nnx.logical_axis_rules(rules):        # e.g. (('embed', 'fsdp'), ('mlp', 'tensor'), ...)
     shardings = nnx.get_named_sharding(abstract_state(cfg), mesh)
 
-and create the state under `jax.jit(..., out_shardings=shardings)`. Without rules,
-`nnx.get_partition_spec` returns the logical names themselves. Every logical name must appear in
-the rules (map it to None to replicate): an unmapped name is passed through as a mesh axis name.
+and create the state under `jax.jit(..., out_shardings=shardings)`. Every logical name must
+appear in the rules (None replicates): an unmapped name is passed through as a mesh axis name.
 `nnx.Optimizer` copies the metadata, so optimizer state gets the same names.
 
 Activation sharding: given a `mesh` and `logical_axis_rules` (`ModelConfig.from_config(...,
-mesh=, rules=)`), the model constrains its activations with `jax.lax.with_sharding_constraint`:
-the residual stream to ('batch', 'length', 'activation_embed'), queries/keys/values to ('batch',
-'length', 'heads', 'kv'), the MLP hidden to ('batch', 'length', 'mlp') and the logits to ('batch',
+mesh=, rules=)`), activations are constrained with `jax.lax.with_sharding_constraint`: the
+residual stream to ('batch', 'length', 'activation_embed'), queries/keys/values to ('batch',
+'length', 'heads', 'kv'), the MLP hidden to ('batch', 'length', 'mlp'), the logits to ('batch',
 'length', 'vocab'). 'activation_embed' is its own name because the parameters' 'embed' goes over
-fsdp while activations split by batch (without the constraints XLA may keep some activations of
+fsdp while activations split by batch (unconstrained, XLA may keep some activations of
 fsdp-sharded matmuls whole-batch on every chip). No mesh, or a one-device mesh: no constraints.
 
 Scanned layers (`scan_layers`): the blocks' parameters are stacked on a leading 'layers' axis
-(built from the same per-layer initialisation, so a seed gives the same numbers either way;
+(from the same per-layer initialisation, so a seed gives the same numbers either way;
 `stack_layers`/`unstack_layers` convert parameter dicts) and `jax.lax.scan` runs one compiled
-block num_layers times: less generated code and compile time, the same results.
-Rematerialisation (`remat`, a key of `REMAT_POLICIES`): each block runs under `jax.checkpoint`
-with that policy, unrolled or scanned, so the backward pass recomputes what was not saved.
+block num_layers times. Rematerialisation (`remat`, a key of `REMAT_POLICIES`): each block runs
+under `jax.checkpoint` with that policy, so the backward pass recomputes what was not saved.
+
+Zero sink (`zero_sink`, StreamingLLM's SoftMax1, exp(x_i) / (1 + sum_j exp(x_j))): every
+attention row also sees an all-zero key (logit exactly 0) with an all-zero value, so a head can
+put mass "nowhere". No parameters; training, the KV cache and `pausejax.stream` all apply it.
 
 KV cache (decoding): `Decoder.prefill(tokens_BxL, lengths_B, max_len)` runs a right-padded batch
 of prompts once and returns the next-token logits after each prompt plus a `KVCache` of `max_len`
 slots; `Decoder.decode_step(tokens_B, cache)` appends one token per row and returns the logits for
-the next one. The cache is an explicit pytree (arrays in, arrays out), so both jit with fixed
-shapes: one compiled prefill and one compiled step serve every prompt length up to `max_len`.
-Row b's token at position p lives in slot p; a query at position p sees slots <= p, so slots beyond
-a row's length (padding, stale values) are never read. Keys are cached after RoPE.
+the next one. The cache is an explicit pytree, so both jit with fixed shapes: one compiled
+prefill and one compiled step serve every prompt length up to `max_len`. Row b's token at
+position p lives in slot p; a query at position p sees slots <= p, so slots beyond a row's length
+are never read. Keys are cached after RoPE (`pausejax.stream` caches them before).
 
-Extension points: `Attention.__call__` takes positions and an explicit boolean mask built from
-token indices (not `is_causal`, which assumes square, aligned query/key blocks); the cache path
-`Attention.cached` reuses the same projections with a mask over cache slots. Blocks are identical
-modules with a (x, positions, mask) -> x interface, run by `Decoder._run_blocks` (split/merge
-around `jax.checkpoint` and `jax.lax.scan`).
+Extension points: `Attention.__call__` takes positions and an explicit boolean mask (not
+`is_causal`, which assumes square, aligned query/key blocks); `Attention.qkv` and `.attend` are
+the projection and the attention alone, reused by the caches. Blocks have a (x, positions, mask)
+-> x interface, run by `Decoder._run_blocks` (around `jax.checkpoint` and `jax.lax.scan`).
 """
 
 from __future__ import annotations
@@ -128,6 +127,7 @@ class ModelConfig:
   attention: str = 'xla'  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn' (GPU).
   scan_layers: bool = False  # Blocks stacked on a leading 'layers' axis and run by lax.scan.
   remat: str = 'none'  # A key of REMAT_POLICIES: what each block saves for the backward pass.
+  zero_sink: bool = False  # SoftMax1 attention: an all-zero key and value prepended to every row.
   # Activation sharding: with a mesh (of more than one device), the residual stream, queries,
   # keys, values, MLP hidden activations and logits are constrained to these logical axis rules
   # (a tuple of (logical name, mesh axes) pairs, e.g. config.logical_axis_rules). None: no-op.
@@ -162,6 +162,11 @@ class ModelConfig:
                                "'xla' with model.dtype=float32; cudnn needs bfloat16 or float16")
     if not isinstance(self.scan_layers, bool):
       raise UsageError.setting('model.scan_layers', self.scan_layers, 'True or False')
+    if not isinstance(self.zero_sink, bool):
+      raise UsageError.setting('model.zero_sink', self.zero_sink, 'True or False')
+    if self.zero_sink and self.attention != 'xla':  # The sink needs an explicit mask (below).
+      raise UsageError.setting('model.zero_sink', self.zero_sink,
+                               "False with model.attention='cudnn'; the zero sink needs 'xla'")
     if not isinstance(self.remat, str) or self.remat not in REMAT_POLICIES:
       raise UsageError.setting('model.remat', self.remat,
                                f"one of {', '.join(map(repr, REMAT_POLICIES))}")
@@ -176,11 +181,7 @@ class ModelConfig:
       object.__setattr__(self, 'logical_axis_rules', rules)
 
   def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """`x` constrained to the mesh axes its logical `names` map to; no-op without a mesh.
-
-    Parameters and the batch are placed by the caller; without these constraints XLA's sharding
-    propagation may keep some activations of fsdp-sharded matmuls whole-batch on every chip.
-    """
+    """`x` constrained to the mesh axes of its logical `names`; no-op without a mesh."""
     if self.mesh is None or self.mesh.size == 1:
       return x
     spec = sharding.logical_to_mesh(names, sharding.rules_dict(self.logical_axis_rules))
@@ -271,22 +272,33 @@ class Attention(nnx.Module):
         _kernel(rngs, (h, k, d), (0, 1), 2, pd, scale=1 / (2 * cfg.num_layers)),
         ('heads', 'kv', 'embed'))
 
-  def _project(self, x_BxLxD, positions_BxL):
-    """Queries, keys (both rotated) and values."""
+  def qkv(self, x_BxLxD):
+    """Queries, keys and values, not yet rotated (the streaming cache rotates keys itself)."""
     # One matmul for all three: on small models three separate ones cost measurably more. The
     # kernels are stacked on a new axis, so a tensor-sharded 'heads' axis needs no data movement.
     w_Dx3xHxK = jnp.stack([self.query[...], self.key[...], self.value[...]], axis=1)
     qkv_BxLx3xHxK = jnp.einsum('bld,dthk->blthk', x_BxLxD, w_Dx3xHxK.astype(self.cfg.dtype))
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     names = ('batch', 'length', 'heads', 'kv')
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-        self.cfg.constrain(a, names) for a in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+    return tuple(self.cfg.constrain(qkv_BxLx3xHxK[:, :, i], names) for i in range(3))
+
+  def _project(self, x_BxLxD, positions_BxL):
+    """Queries, keys (both rotated) and values."""
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self.qkv(x_BxLxD)
     q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.cfg.rope_theta)
     k_BxLxHxK = apply_rope(k_BxLxHxK, positions_BxL, self.cfg.rope_theta)
     return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
 
-  def _attend(self, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS) -> jax.Array:
-    # Scale 1/sqrt(K). mask None = plain causal, which fused kernels apply without a mask array.
+  def attend(self, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS) -> jax.Array:
+    """Attention output, projected to d_model. Scale 1/sqrt(K); mask None = plain causal."""
+    if self.cfg.zero_sink:  # SoftMax1: a zero key scores exactly 0, its zero value adds nothing.
+      if mask_Bx1xLxS is None:
+        mask_Bx1xLxS = attention_mask(q_BxLxHxK.shape[1], None)
+      batch, _, heads, dim = k_BxSxHxK.shape
+      zero_Bx1xHxK = jnp.zeros((batch, 1, heads, dim), k_BxSxHxK.dtype)
+      k_BxSxHxK = jnp.concatenate([zero_Bx1xHxK, k_BxSxHxK], axis=1)
+      v_BxSxHxK = jnp.concatenate([zero_Bx1xHxK.astype(v_BxSxHxK.dtype), v_BxSxHxK], axis=1)
+      mask_Bx1xLxS = jnp.pad(mask_Bx1xLxS, ((0, 0), (0, 0), (0, 0), (1, 0)), constant_values=True)
+    # Fused kernels apply plain causal masking without a mask array.
     impl = None if self.cfg.attention == 'xla' else self.cfg.attention
     o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS,
                                              is_causal=mask_Bx1xLxS is None, implementation=impl)
@@ -294,7 +306,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL) -> jax.Array:
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._project(x_BxLxD, positions_BxL)
-    return self._attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
+    return self.attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
 
   def cached(self, x_BxLxD, start_B, keys, values, layer: jax.Array | None = None,
              prefix_B: jax.Array | None = None):
@@ -330,7 +342,7 @@ class Attention(nnx.Module):
       mask_BxLxS |= ((slots_S[None, None, :] < prefix_B[:, None, None])
                      & (positions_BxL[:, :, None] < prefix_B[:, None, None]))
     mask_Bx1xLxS = mask_BxLxS[:, None]
-    out_BxLxD = self._attend(q_BxLxHxK, keys_BxSxHxK, values_BxSxHxK, mask_Bx1xLxS)
+    out_BxLxD = self.attend(q_BxLxHxK, keys_BxSxHxK, values_BxSxHxK, mask_Bx1xLxS)
     return out_BxLxD, keys, values
 
 
@@ -575,11 +587,10 @@ def count_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward), PaLM appendix B convention.
 
-  6 * N counts a multiply-add as 2 FLOPs, times 3 for forward + backward, over N = the matmul
-  parameters: attention and MLP kernels plus the output projection (counted whether tied or not,
-  since the matmul happens either way), excluding the embedding lookup and norm scales. The
-  attention scores and weighted sum add 12 * num_layers * num_heads * head_dim * seq_len
-  (a full, unmasked L x L attention, as in PaLM).
+  6 * N (a multiply-add is 2 FLOPs, times 3 for forward + backward) over N = the matmul
+  parameters: attention and MLP kernels plus the output projection (tied or not), not the
+  embedding lookup or norm scales; plus 12 * num_layers * num_heads * head_dim * seq_len for a
+  full, unmasked L x L attention, as in PaLM.
   """
   d, h, k, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
   matmul_params = cfg.num_layers * (4 * d * h * k + 3 * d * f) + d * cfg.vocab_size

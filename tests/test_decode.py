@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, TINY_CLI, cli_overrides
 from pausejax import decode
 from pausejax import model as model_lib
+from pausejax import stream
 from pausejax.errors import UsageError
 
 V = 128
@@ -57,7 +58,15 @@ def scanned_model(model):
   return decode.model_from_params(dataclasses.replace(model.cfg, scan_layers=True), params)
 
 
-@pytest.mark.parametrize("which", ["model", "scanned_model"])
+@pytest.fixture(scope="module")
+def zero_sink_model(model):
+  """`model` with SoftMax1 attention (model.zero_sink): the same parameters, scanned layers."""
+  cfg = dataclasses.replace(model.cfg, zero_sink=True, scan_layers=True)
+  params = model_lib.stack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return decode.model_from_params(cfg, params)
+
+
+@pytest.mark.parametrize("which", ["model", "scanned_model", "zero_sink_model"])
 def test_cache_logits_match_full_forward(which, request):
   """prefill + decode_step reproduce the full forward pass at every position, per row."""
   model = request.getfixturevalue(which)
@@ -76,7 +85,7 @@ def test_cache_logits_match_full_forward(which, request):
   np.testing.assert_array_equal(cache.lengths_B, lengths + 5)
 
 
-@pytest.mark.parametrize("which", ["model", "scanned_model"])
+@pytest.mark.parametrize("which", ["model", "scanned_model", "zero_sink_model"])
 def test_prefix_lm_cache_matches_full_forward_with_the_prefix_mask(which, request):
   """prefill(prefix_lm=True) is the forward pass with the prompt attending both ways; the tokens
   after it stay causal, as in seqio's prefix-LM training sequences."""
@@ -254,6 +263,55 @@ def test_a_sequence_that_fills_seq_len_decodes_at_max_len_seq_len(model):
     decode.generate(model, [prompt], eos_id=eos, **{**request, "max_len": seq_len - 1})
 
 
+# ----------------------------------------------------------------------------------------------
+# Decoding with the streaming cache (pausejax.stream).
+
+def test_streaming_cache_that_holds_everything_decodes_what_the_dense_cache_does(model, greedy):
+  """Sinks + window >= prompt + answer: nothing is evicted, so every position is the dense one."""
+  for num_sinks, window in ((0, 22), (4, 18)):
+    out = decode.generate(model, PROMPTS, **_request(max_len=None), num_sinks=num_sinks,
+                          window=window)
+    assert out.raw_tokens == greedy.raw_tokens and out.inputs == greedy.inputs
+  sampled = _request(temperature=1.0, seed=3)
+  assert (decode.generate(model, PROMPTS, **sampled, num_sinks=4, window=18).raw_tokens
+          == decode.generate(model, PROMPTS, **sampled).raw_tokens)
+
+
+def test_streaming_generation_goes_past_max_len(model):
+  """A model limited to 16 positions decodes a 10-token prompt + pauses + 40 new tokens."""
+  short = decode.model_from_params(dataclasses.replace(model.cfg, max_len=16),
+                                   nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  request = _request(max_new_tokens=40, max_len=None)
+  out = decode.generate(short, PROMPTS, **request, num_sinks=2, window=12)
+  assert [len(r) for r in out.raw_tokens] == [40] * len(PROMPTS)
+  with pytest.raises(UsageError, match="max_len=16 is too small"):
+    decode.generate(short, PROMPTS, **{**request, "max_len": 16})
+  # The same tokens as a greedy loop over stream.step, one prompt at a time.
+  step = nnx.jit(stream.step)
+  for row, raw in zip(out.inputs, out.raw_tokens):
+    cache = stream.init(short, 1, 2, 12)
+    for token in row:
+      logits_1xV, cache = step(short, jnp.array([token]), cache)
+    expected = []
+    for _ in range(40):
+      expected.append(int(jnp.argmax(logits_1xV[0])))
+      logits_1xV, cache = step(short, jnp.array(expected[-1:]), cache)
+    assert raw == expected
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(num_sinks=2, window=0), "num_sinks=2 is invalid: 0 with window=0"),
+    (dict(num_sinks=0, window=-3), "window=-3 is invalid: an integer >= 1"),
+    (dict(num_sinks=-1, window=8), "num_sinks=-1 is invalid: an integer >= 0"),
+    (dict(num_sinks=9, window=8), "num_sinks=9 is invalid: at most window=8"),
+    (dict(num_sinks=1, window=8, prefix_lm=True), "prefix_lm=True is invalid"),
+])
+def test_bad_streaming_settings_raise_usage_error(model, settings, message):
+  with pytest.raises(UsageError, match=message) as e:
+    decode.generate(model, PROMPTS, **_request(max_len=None), **settings)
+  assert "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_benchmark_reports_both_speeds():
   cfg = model_lib.ModelConfig(vocab_size=V, num_layers=1, d_model=16, num_heads=2, head_dim=8,
@@ -295,6 +353,20 @@ def test_cli_prints_answers_without_pauses(trained_workdir):
   answers = [line for line in lines if line.startswith("answer: ")]
   assert len(answers) == 2 and all(len(a) > len("answer: ") for a in answers), proc.stdout
   assert "<pause>" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_streams_past_seq_len(trained_workdir):
+  """seq_len is 64; with --window the prompt + answer may be longer (and --max_len is refused)."""
+  proc = _generate_cli(trained_workdir, "--prompt=ROMEO:", "--max_new_tokens=90",
+                       "--num_sinks=1", "--window=15")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0].endswith("| streaming cache 1 + 15"), proc.stdout
+  assert lines[2].startswith("answer: ") and len(lines[2]) > len("answer: ")
+  proc = _generate_cli(trained_workdir, "--prompt=ROMEO:", "--window=15", "--max_len=32")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --max_len=32 is invalid")
 
 
 @pytest.mark.slow

@@ -457,6 +457,64 @@ def test_bad_scan_or_remat_raises_usage_error(overrides, setting):
     config_lib.validate(c)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Zero sink (SoftMax1).
+
+def _attention_by_hand(attn, x_BxLxD, zero_sink: bool) -> np.ndarray:
+  """Causal attention in numpy, with an all-zero key and value prepended when `zero_sink`."""
+  positions_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), x_BxLxD.shape[:2])
+  q, k, v = (np.asarray(a, np.float64) for a in attn._project(x_BxLxD, positions_BxL))
+  batch, length, heads, dim = k.shape
+  scores_BxHxLxS = np.einsum('blhk,bshk->bhls', q, k) / np.sqrt(dim)
+  scores_BxHxLxS = np.where(np.tril(np.ones((length, length), bool)), scores_BxHxLxS, -np.inf)
+  if zero_sink:  # The zero key's score is q . 0 = 0; its value adds nothing.
+    scores_BxHxLxS = np.concatenate([np.zeros((batch, heads, length, 1)), scores_BxHxLxS], -1)
+    v = np.concatenate([np.zeros((batch, 1, heads, dim)), v], axis=1)
+  probs = np.exp(scores_BxHxLxS - scores_BxHxLxS.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  o_BxLxHxK = np.einsum('bhls,bshk->blhk', probs, v)
+  return np.einsum('blhk,hkd->bld', o_BxLxHxK, np.asarray(attn.out[...], np.float64))
+
+
+@pytest.mark.parametrize('zero_sink', [False, True])
+def test_zero_sink_is_attention_with_a_prepended_zero_key_and_value(zero_sink):
+  attn = make_model(zero_sink=zero_sink).blocks[0].attn
+  x_BxLxD = jax.random.normal(jax.random.key(3), (B, L, 32))
+  got_BxLxD = attn(x_BxLxD, jnp.broadcast_to(jnp.arange(L), (B, L)), None)
+  np.testing.assert_allclose(got_BxLxD, _attention_by_hand(attn, x_BxLxD, zero_sink),
+                             atol=1e-5, rtol=1e-5)
+  # SoftMax1 = softmax scaled by Z / (1 + Z): it changes the output (no parameters involved).
+  plain = make_model(zero_sink=not zero_sink).blocks[0].attn
+  assert np.abs(got_BxLxD - plain(x_BxLxD, jnp.broadcast_to(jnp.arange(L), (B, L)), None)
+                ).max() > 1e-3
+
+
+def test_zero_sink_has_no_parameters_and_keeps_packing_exact():
+  plain, sink = make_model(), make_model(zero_sink=True)
+  assert (jax.tree.map(jnp.shape, nnx.state(plain, nnx.Param))
+          == jax.tree.map(jnp.shape, nnx.state(sink, nnx.Param)))
+  tokens_BxL = random_tokens(4)
+  alone_1x7xV = sink(tokens_BxL[:1, :7])
+  segments_BxL = jnp.array([[1] * 7 + [2] * (L - 7)] * B)
+  positions_BxL = jnp.concatenate([jnp.arange(7), jnp.arange(L - 7)])[None].repeat(B, 0)
+  packed_BxLxV = sink(tokens_BxL, segments_BxL, positions_BxL)
+  np.testing.assert_allclose(packed_BxLxV[:1, :7], alone_1x7xV, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_sink_settings():
+  from pausejax import config as config_lib
+  c = config_lib.defaults()
+  assert model_lib.ModelConfig.from_config(c.model, vocab_size=256).zero_sink is False
+  c.model.zero_sink = True
+  assert model_lib.ModelConfig.from_config(c.model, vocab_size=256).zero_sink is True
+  with pytest.raises(UsageError, match='model.zero_sink') as e:
+    tiny_config(zero_sink='yes')
+  assert '\n' not in str(e.value)
+  with pytest.raises(UsageError, match="model.zero_sink=True is invalid: .*'xla'"):
+    tiny_config(zero_sink=True, attention='cudnn', dtype='bfloat16')
+
+
 _FSDP_ACTIVATIONS = textwrap.dedent("""
     import json, re, sys
     sys.path.insert(0, "tests")

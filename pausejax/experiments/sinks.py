@@ -80,35 +80,34 @@ def _cache_label(sinks: int, window: int) -> str:
   return f"{sinks}+{window - sinks}"
 
 
-def _stream_scores(workdir: str, config, text_ids: list[int], window: int,
+def _stream_scores(workdir: str, config, stream_tokens: int, window: int,
                    pause_sink: bool) -> dict[str, Any]:
-  """Streaming perplexity of one finished run: {label: {"ppl", "tokens", ...}}."""
+  """Streaming perplexity of one finished run: {cache label or mode: stream_ppl's summary}."""
   from pausejax import build
   from pausejax import data as data_lib
-  from pausejax import registry
-  from pausejax import sinks
   from pausejax import specials
   from pausejax import stream_ppl
   vocabulary = specials.load_vocabulary(data_lib.vocab_path(config))
   model, _ = build.restore_model(config, workdir,
                                  specials.padded_vocab_size(vocabulary.vocab_size),
                                  vocabulary.pause_id)
-  start = sinks.start_ids(registry.start_token(config), vocabulary.sink_id)
-  tokens = start + text_ids
+  # The held-out text after the model's own start token(s), as stream_ppl reads it.
+  tokens = stream_ppl.stream_tokens(config, vocabulary, None, stream_tokens)
+
+  def scores(tokens, modes, num_sinks, window):
+    return stream_ppl.evaluate_stream(model, tokens, modes=modes, num_sinks=num_sinks,
+                                      window=window, dense_len=config.seq_len,
+                                      progress=False)["modes"]
+
   out: dict[str, Any] = {}
   for s in SINKS:
-    result = stream_ppl.evaluate_stream(model, tokens, modes=("sinks",), num_sinks=s,
-                                        window=window - s, dense_len=config.seq_len,
-                                        progress=False)
-    out[_cache_label(s, window)] = result["sinks"]
-  result = stream_ppl.evaluate_stream(model, tokens, modes=("recompute", "dense"), num_sinks=0,
-                                      window=window, dense_len=config.seq_len, progress=False)
-  out["recompute"], out["dense"] = result["recompute"], result["dense"]
+    out[_cache_label(s, window)] = scores(tokens, ("sinks",), s, window - s)["sinks"]
+  out.update(scores(tokens, ("recompute", "dense"), 0, window))
   if pause_sink:  # One <pause> first, kept as the only sink.
-    result = stream_ppl.evaluate_stream(model, [vocabulary.pause_id] + tokens, modes=("sinks",),
-                                        num_sinks=1, window=window - 1,
-                                        dense_len=config.seq_len, progress=False)
-    out["pause+" + str(window - 1)] = result["sinks"]
+    out[f"pause+{window - 1}"] = scores([vocabulary.pause_id] + tokens, ("sinks",), 1,
+                                        window - 1)["sinks"]
+  for summary in out.values():
+    summary.pop("curve", None)  # The table needs the totals only.
   return out
 
 
@@ -172,7 +171,6 @@ def main(argv):
 
   from pausejax import config as config_lib
   from pausejax import corpus
-  from pausejax import stream_ppl
   from pausejax.experiments import ablation
   tfds_dir = os.path.join(outdir, "tensorflow_datasets")
   configs = {name: pretrain_config(name, f.quick, f.seed, steps, tfds_dir) for name in MODELS}
@@ -197,15 +195,14 @@ def main(argv):
   for i, (name, c) in enumerate(configs.items()):
     progress(i, f"pretraining {name} ({MODELS[name][2]})")
     ablation._train(c, os.path.join(runs, name))
-  text_ids = stream_ppl.validation_tokens(configs["bos"], stream_tokens)
   models = {}
   for i, (name, c) in enumerate(configs.items()):
-    progress(len(MODELS) + i, f"streaming {len(text_ids)} tokens through {name}")
-    models[name] = _stream_scores(os.path.join(runs, name), c, text_ids, window,
+    progress(len(MODELS) + i, f"streaming {stream_tokens} tokens through {name}")
+    models[name] = _stream_scores(os.path.join(runs, name), c, stream_tokens, window,
                                   pause_sink=name == "pause")
   results = {
       "settings": {"quick": f.quick, "seed": f.seed, "steps": steps, "seq_len": seq_len,
-                   "window": window, "stream_tokens": len(text_ids), "sinks": list(SINKS),
+                   "window": window, "stream_tokens": stream_tokens, "sinks": list(SINKS),
                    "models": {n: {"task": t, "overrides": o, "what": w}
                               for n, (t, o, w) in MODELS.items()}},
       "models": models,
