@@ -16,7 +16,7 @@ attention normalises differ (`pausejax.sinks`, `model.zero_sink`):
 Each model then reads the held-out split (the embedded validation plays, concatenated, after the
 model's start tokens) token by token, batch 1, with a cache of W = L / 2 slots (the paper: half
 the pretraining length): S sinks + (W - S) recent tokens for S in 0, 1, 2, 4; the sliding window
-with re-computation over W tokens (the oracle); and dense attention over the first L tokens
+with re-computation over the W + 1 tokens a query of that cache sees (the oracle); and dense attention over the first L tokens
 (all the dense cache holds). For the pause model it also reads the stream after one `<pause>`,
 kept as the single sink: if pauses act as sinks, that is as good as keeping its first token.
 
@@ -117,8 +117,9 @@ def _markdown(results: dict[str, Any]) -> str:
   lines = [
       f"Streaming perplexity, cache of W = {window} slots (S sinks + W - S recent tokens), "
       f"{results['settings']['stream_tokens']} held-out tokens; recompute = sliding window "
-      f"with re-computation over W tokens; dense = the first {results['settings']['seq_len']} "
-      "tokens only (all a dense cache of the training length holds).", "",
+      f"with re-computation over the W + 1 tokens a cache query sees; dense = the first "
+      f"{results['settings']['seq_len']} tokens only (all a dense cache of the training length "
+      "holds).", "",
       "| model | " + " | ".join(labels) + " |",
       "|---|" + "---:|" * len(labels)]
   for name, scores in results["models"].items():
