@@ -1,4 +1,5 @@
-r"""Benchmark: train-step throughput and MFU next to a minimal decoder's, input pipeline, decoding.
+r"""Benchmark: train-step throughput and MFU next to a minimal decoder's, input pipeline, decoding
+(with the KV cache and without; streaming with attention sinks and sliding-window re-computation).
 
     python -m pausejax.bench --config=configs/tiny.py [--train_steps=10] [--pipeline_batches=50]
     python -m pausejax.bench --config=configs/c4_130m.py --base_vocab_size=32000 --nopipeline \
@@ -9,8 +10,10 @@ under other load are not comparable. Train throughput uses random token batches 
 shape (model speed alone), best of 3 rounds, next to a minimal JAX decoder of the same shape
 timed the same way (model FLOPs by one formula for both, so their GFLOP/s compare); the
 pipeline figures run the real SeqIO pipeline of `config.task` as configured and without its pauses
-(the task's `*_pause`-less twin, or `pause.rate` unset). Speed is measured here, never asserted
-in tests.
+(the task's `*_pause`-less twin, or `pause.rate` unset). Streaming (`bench_streaming`) scores
+one random stream of --stream_tokens tokens with the attention-sink cache and with the paper's
+sliding window with re-computation at the same window, on the same random model (StreamingLLM's
+speed comparison). Speed is measured here, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from typing import Any
 
 from absl import flags
+from flax import nnx
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -35,6 +39,7 @@ from pausejax import fs
 from pausejax import metrics
 from pausejax import model as model_lib
 from pausejax import sharding
+from pausejax import stream
 from pausejax.errors import UsageError
 from pausejax.errors import run
 
@@ -46,6 +51,15 @@ _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 50,
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 _PIPELINE = flags.DEFINE_bool("pipeline", True, "Also time the input pipeline (needs the data).")
 _DECODE = flags.DEFINE_bool("decode", True, "Also time decoding, with the KV cache and without.")
+_STREAMING = flags.DEFINE_bool(
+    "streaming", True, "Also time streaming with the attention-sink cache against sliding window "
+    "with re-computation at the same window.")
+_STREAM_SINKS = flags.DEFINE_integer("stream_num_sinks", 4, "Sinks of the streaming cache.")
+_STREAM_WINDOW = flags.DEFINE_integer(
+    "stream_window", None, "Recent tokens of the streaming cache (default: seq_len // 2 - "
+    "--stream_num_sinks, the paper's cache of half the pretraining window).")
+_STREAM_TOKENS = flags.DEFINE_integer(
+    "stream_tokens", 0, "Length of the random stream (default: 4 x the cache).")
 _REFERENCE = flags.DEFINE_bool(
     "reference", True, "Also time a minimal JAX decoder of the same shape (fused projections, "
     "no metrics), the figure pausejax's train step is compared with.")
@@ -172,6 +186,50 @@ def _time(run, steps: int) -> float:
   return best
 
 
+def bench_streaming(model_cfg: model_lib.ModelConfig, *, num_sinks: int = 4, window: int = 124,
+                    stream_tokens: int = 512, chunk: int = 256, recompute_batch: int = 16,
+                    repeats: int = 2, seed: int = 0) -> dict[str, Any]:
+  """Tokens/s of streaming with attention sinks vs sliding window with re-computation.
+
+  One randomly initialised model of `model_cfg` scores one random stream of `stream_tokens`
+  tokens (id 0 first, as a run's streams start) both ways, each token's NLL read after the ones
+  before it: `stream.stream_nll` through num_sinks + window cache slots, and
+  `stream.recompute_nll` with a fresh forward pass over the num_sinks + window + 1 tokens up to
+  each token (what a cache query sees: the cached tokens and itself). Each rate is the tokens
+  scored / the wall time of one whole call, the best of `repeats` calls after one compiling call
+  on the same stream. recompute_nll gets its first span predictions from one causal pass, so on
+  short streams its rate is above its per-token rate and the speedup understates the steady one.
+  The NLL means come back too: equal while the window covers the stream.
+  """
+  stream.check_settings(num_sinks, window, model_cfg.max_len)
+  if not isinstance(stream_tokens, int) or stream_tokens < 2:
+    raise UsageError.setting("stream_tokens", stream_tokens, "an integer >= 2")
+  model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  tokens_1xN = np.concatenate([[0], rng.integers(1, model_cfg.vocab_size, stream_tokens - 1)])
+  tokens_1xN = tokens_1xN.astype(np.int32)[None]
+  slots = num_sinks + window
+  runs = {"streaming": lambda: stream.stream_nll(model, tokens_1xN, num_sinks, window,
+                                                 chunk=chunk),
+          "recompute": lambda: stream.recompute_nll(model, tokens_1xN, slots + 1,
+                                                    batch_size=recompute_batch)}
+  results: dict[str, Any] = {"streaming_num_sinks": num_sinks, "streaming_window": window,
+                             "recompute_span": slots + 1, "stream_tokens": stream_tokens}
+  for name, fn in runs.items():
+    fn()  # Compile, on the very shapes that are timed.
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      nll_1xM = fn()  # Numpy: the call has finished.
+      best = min(best, time.perf_counter() - start)
+    results[f"{name}_tokens_scored"] = int(nll_1xM.size)
+    results[f"{name}_tokens_per_sec"] = nll_1xM.size / best
+    results[f"{name}_nll_mean"] = float(np.mean(nll_1xM, dtype=np.float64))
+  results["streaming_speedup"] = (results["streaming_tokens_per_sec"]
+                                  / results["recompute_tokens_per_sec"])
+  return results
+
+
 def conditions() -> dict[str, Any]:
   """What the figures were measured under: machine, load and versions."""
   load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -216,6 +274,18 @@ def without_pauses(config, rate_from: str):
   return config
 
 
+def _stream_settings(config) -> dict[str, int]:
+  """bench_streaming's sizes from the flags, checked (UsageError naming the flag)."""
+  num_sinks = _STREAM_SINKS.value
+  window = (config.seq_len // 2 - num_sinks if _STREAM_WINDOW.value is None
+            else _STREAM_WINDOW.value)
+  stream.check_settings(num_sinks, window, config.model.get("max_len"), prefix="--stream_")
+  tokens = _STREAM_TOKENS.value or 4 * (num_sinks + window)
+  if tokens < 2:
+    raise UsageError.setting("--stream_tokens", tokens, "an integer >= 2 (0: 4 x the cache)")
+  return {"num_sinks": num_sinks, "window": window, "stream_tokens": tokens}
+
+
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}")
@@ -224,6 +294,7 @@ def main(argv):
   if config is None:
     raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
   config_lib.validate(config)
+  stream_settings = _stream_settings(config) if _STREAMING.value else None  # Fail before timing.
   data = None
   if _BASE_VOCAB.value:
     vocab_size, pause_id = _BASE_VOCAB.value + NUM_SPECIALS, _BASE_VOCAB.value
@@ -258,6 +329,14 @@ def main(argv):
     from pausejax import decode
     results.update(decode.benchmark(model_lib.ModelConfig.from_config(config.model, padded),
                                     pause_id=pause_id))
+  if stream_settings is not None:
+    results.update(bench_streaming(model_lib.ModelConfig.from_config(config.model, padded),
+                                   **stream_settings))
+    print(f"streaming, {results['streaming_num_sinks']} sinks + {results['streaming_window']} "
+          f"window  {results['streaming_tokens_per_sec']:,.0f} tokens/s vs recompute "
+          f"{results['recompute_tokens_per_sec']:,.0f} tokens/s "
+          f"({results['streaming_speedup']:.1f}x faster; {results['stream_tokens']}-token "
+          f"stream, {results['streaming_tokens_scored']} scored each way)")
   if _PIPELINE.value:
     from pausejax import data as data_lib
     data = data or data_lib.prepare(config)
