@@ -156,9 +156,9 @@ def test_cli_bad_start_token_exits_2_with_one_line(tfds_dir, tmp_path):
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "start_token=none" in errors[0] and "shakespeare_sink" in errors[0]
   assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "w" / "checkpoints")
-  r = _cli("pausejax.train", ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w2'}",
-                              "--config.start_token=first"])
-  assert r.returncode == 2 and "'bos', 'sink' or 'none'" in r.stderr
+  from pausejax import config as config_lib
+  with pytest.raises(UsageError, match="'bos', 'sink' or 'none'"):
+    config_lib.validate(tiny_config(tfds_dir, start_token="first"))
 
 
 def test_init_from_a_run_with_another_start_is_refused(tfds_dir, tmp_path):
@@ -182,8 +182,8 @@ def test_inspect_data_shows_the_sink(tfds_dir):
   assert "starts with <sink>" in r.stdout
   body = r.stdout.split("=" * 100)[2].strip()
   assert body.startswith("<sink>")
-  r = _cli("pausejax.inspect_data", ["--config=configs/tiny.py", "--num_examples=1", "--json",
-                                     f"--config.tfds_data_dir={tfds_dir}",
-                                     "--config.task=shakespeare_sink"])
-  row = json.loads(r.stdout.splitlines()[0])
+  from pausejax import inspect_data
+  data, (example,) = inspect_data.examples(tiny_config(tfds_dir, task="shakespeare_sink"), 1,
+                                           train=True)
+  row = inspect_data.to_json(example, data)
   assert row["decoder_input_tokens"][0] == row["pause_id"] + 1  # <sink> follows <pause>.
