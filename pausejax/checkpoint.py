@@ -52,6 +52,7 @@ import re
 import sys
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 import numpy as np
@@ -456,7 +457,14 @@ def load_params_and_step(path: str, abstract_params: Any, *,
           setting, path, f"a checkpoint of this config's model: params.{name} is {got} there"
           f" but {need} here (check model.* and vocab_path)")
   item = {"params": abstract_params}
-  restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
-      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True))
+  # A step directory written by this package's manager has no per-item metadata file, and Orbax
+  # warns about it on every parameters-only read: a line readers cannot act on.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  finally:
+    logging.set_verbosity(verbosity)
   return restored["params"], int(step_dir.name) if step_dir.name.isdigit() else None
