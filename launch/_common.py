@@ -18,6 +18,9 @@ from typing import Callable, Sequence
 
 EXIT_USAGE = 2  # Bad flags or flag values.
 EXIT_FAILED = 1  # A command we ran failed.
+# pausejax.train stopped before num_train_steps with a checkpoint saved: resume, do not count it
+# as finished (= pausejax.errors.EXIT_STOPPED_EARLY; launch/ does not import pausejax).
+EXIT_STOPPED_EARLY = 75
 
 # Lines in a tool's stderr that mean "the cloud said no for lack of quota or capacity".
 _QUOTA_PATTERNS = ("quota limit", "resource_exhausted", "quota exceeded", "insufficient quota",

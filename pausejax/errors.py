@@ -30,6 +30,12 @@ class UsageError(Exception):
     return cls(f"{name}={value!r} is invalid: {valid}")
 
 
+# A training run that stopped before num_train_steps (SIGTERM: preemption, maintenance, a time
+# limit) with its checkpoint saved: "resume me", not "finished" (EX_TEMPFAIL). launch/ keeps a
+# copy of the number (it runs without this package).
+EXIT_STOPPED_EARLY = 75
+
+
 class RunError(Exception):
   """A run that cannot go on (a diverged loss, a fault): one line, exit code 1, state kept."""
 
