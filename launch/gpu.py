@@ -58,6 +58,9 @@ examples:
 
   # Extra XLA flags (appended, so they win) and environment variables:
   python launch/gpu.py --xla_flags=--xla_gpu_triton_gemm_any=true --env=NCCL_DEBUG=WARN -- ...
+
+The exit code is training's: 0 finished, 75 stopped early on SIGTERM with a checkpoint saved
+(run the same command again to resume).
 """
 
 

@@ -253,7 +253,10 @@ def test_gpu_passes_values_literally(tools, marker, tmp_path):
 def test_slurm_script_runs_srun_with_literal_values(tools, marker, tmp_path):
   values = _values(marker)
   env = [f"--env=V{i}={v}" for i, v in enumerate(values)]
-  r = tools.run("slurm.py", "--nodes=2", f"--python={values[0]}", *env, "--", *values)
+  xla = "--xla_dump_to=/tmp/$(touch)`x`;y|z&&w'q\"r"  # One word: XLA_FLAGS splits on spaces.
+  jobs_xla = f"--xla_dump_to=$(touch {marker})"  # XLA_FLAGS in the job's environment.
+  r = tools.run("slurm.py", "--nodes=2", f"--python={values[0]}", f"--xla_flags={xla}", *env,
+                "--", *values)
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip() == "submitted job 4242; follow it with: squeue -j 4242"
   (call,) = tools.sbatch_calls()
@@ -263,14 +266,17 @@ def test_slurm_script_runs_srun_with_literal_values(tools, marker, tmp_path):
   for line in call["script"].splitlines():
     if line.startswith("#SBATCH"):
       assert len(shlex.split(line)) == 2, line  # One directive, one plain word.
-  subprocess.run(["bash", str(script)], env=tools.env, check=True, cwd=tmp_path)
+  subprocess.run(["bash", str(script)], env=dict(tools.env, XLA_FLAGS=jobs_xla), check=True,
+                 cwd=tmp_path)
   (srun,) = tools.srun_calls()
-  assert srun["argv"] == ["--kill-on-bad-exit=1", values[0], "-m", "pausejax.train", *values]
+  assert srun["argv"] == ["--kill-on-bad-exit=1", "--cpus-per-task=8", values[0], "-m",
+                          "pausejax.train", *values]
   assert [srun["env"][f"V{i}"] for i in range(len(values))] == values
+  assert srun["env"]["XLA_FLAGS"].endswith(f" {jobs_xla} {xla}")
 
 
 @pytest.mark.parametrize("flag", ["--job_name", "--partition", "--account", "--time", "--output",
                                   "--nodes", "--gpus_per_node", "--cpus_per_task", "--module",
-                                  "--process_per"])
+                                  "--process_per", "--gpu_request", "--signal_seconds"])
 def test_slurm_refuses_hostile_sbatch_values(tools, marker, flag):
   _refuses(tools, marker, "slurm.py", slurm.main, lambda v: [f"{flag}={v}", "--", "--workdir=/w"])
