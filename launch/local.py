@@ -32,7 +32,8 @@ examples:
       python -c 'import os; print(os.environ["PAUSEJAX_PROCESS_ID"])'
 
 Output lines are prefixed [p0], [p1], ... If one process exits non-zero the others are stopped
-and its exit code is returned; Ctrl-C stops all of them.
+and its exit code is returned (75, "stopped early, resume", waits for the others and is returned
+when all are done); Ctrl-C stops all of them.
 """
 
 _GRACE_SECONDS = 5.0  # Between SIGTERM and SIGKILL when stopping the other processes.
@@ -101,16 +102,21 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 
 
 def _supervise(procs: list[subprocess.Popen]) -> int:
-  """Waits until all exit 0 (-> 0) or one fails (-> stop the rest, return its code)."""
+  """Waits until all exit 0 (-> 0) or one fails (-> stop the rest, return its code).
+
+  EXIT_STOPPED_EARLY is no failure: the other hosts stop at the same step, so wait for them and
+  return it (the run is to be resumed, not finished).
+  """
+  clean = (0, _common.EXIT_STOPPED_EARLY)
   while True:
     codes = [p.poll() for p in procs]
     for i, code in enumerate(codes):
-      if code not in (None, 0):
+      if code not in (None, *clean):
         sys.stderr.write(f"[launch] process {i} exited with code {code}; stopping the others\n")
         _stop_all(procs)
         return _exit_code(code)
-    if all(code == 0 for code in codes):
-      return 0
+    if all(code in clean for code in codes):
+      return max(codes)
     time.sleep(0.05)
 
 

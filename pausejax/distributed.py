@@ -4,10 +4,13 @@
 
 1. `PAUSEJAX_COORDINATOR`, `PAUSEJAX_NUM_PROCESSES` and `PAUSEJAX_PROCESS_ID` are set (by
    `launch/local.py`, which runs N local CPU processes as N "hosts"): connect them explicitly.
-2. A multi-host Cloud TPU slice, or a SLURM step with more than one task: call
-   `jax.distributed.initialize()` with no arguments and let JAX's own cluster detection fill in the
-   coordinator, process count and id. The checks below mirror the ones in jax/_src/clusters/
-   (jax 0.10.2) so that we only call it where that detection will succeed.
+2. A multi-host Cloud TPU slice, a multislice (several slices, even of one host each), or a
+   SLURM step with more than one task: call `jax.distributed.initialize()` with no arguments and
+   let JAX's own cluster detection fill in the coordinator, process count and id. The checks
+   below mirror the ones in jax/_src/clusters/ (jax 0.10.2) so that we only call it where that
+   detection will succeed. For a multislice, jax reads MEGASCALE_NUM_SLICES (and the slice id
+   and coordinator) from the environment, or else from the `tpu-env` metadata attribute, which
+   is where a Cloud TPU queued resource puts them; so does this module.
 3. Anything else (a laptop, one GPU host, a single-host TPU VM): nothing to do.
 
 SLURM note: JAX's SLURM detection gives every process only the GPU numbered SLURM_LOCALID. That
@@ -93,6 +96,18 @@ def _tpu_metadata(key: str) -> str | None:
     return None
 
 
+def _tpu_env_value(key: str) -> str | None:
+  """`key` from the `tpu-env` metadata attribute (lines like `MEGASCALE_NUM_SLICES: '2'`), read
+  the way jax's cloud_tpu_cluster.get_tpu_env_value reads it."""
+  text = _tpu_metadata("tpu-env")
+  value = None
+  for line in (text or "").splitlines():
+    name, sep, rest = line.partition(":")
+    if sep and name.strip() == key:
+      value = rest.strip().strip("'")
+  return value
+
+
 def _running_in_cloud_tpu_vm() -> bool:
   # Set by jax's own Cloud TPU start-up during `import jax` (libtpu present and TPU chips on PCI).
   from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
@@ -103,8 +118,8 @@ def _multihost_tpu() -> bool:
   """A Cloud TPU VM that is one of several hosts (GKE, GCE TPU VM or multislice)."""
   if not _running_in_cloud_tpu_vm():
     return False
-  slices = os.environ.get("MEGASCALE_NUM_SLICES", "1")
-  if slices.isdigit() and int(slices) > 1:  # Multislice: several slices of hosts.
+  slices = os.environ.get("MEGASCALE_NUM_SLICES")
+  if slices is not None and slices.isdigit() and int(slices) > 1:  # Multislice.
     return True
   hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
   if hosts is not None:  # GKE publishes the worker list in the environment.
@@ -112,7 +127,12 @@ def _multihost_tpu() -> bool:
   if os.environ.get("TPU_SKIP_MDS_QUERY") is not None:
     return False
   endpoints = _tpu_metadata("worker-network-endpoints")  # GCE TPU VM: one entry per host.
-  return endpoints is not None and len(endpoints.split(",")) > 1
+  if endpoints is not None and len(endpoints.split(",")) > 1:
+    return True
+  if slices is None:  # A multislice of one-host slices: the count is only in the metadata.
+    slices = _tpu_env_value("MEGASCALE_NUM_SLICES") or "1"
+    return slices.isdigit() and int(slices) > 1
+  return False
 
 
 def initialize() -> None:

@@ -11,7 +11,8 @@ command resumes from the latest checkpoint in `--workdir`, data position include
 exactly the losses an uninterrupted run would; a setting that would change what the run computes
 (model, task, pauses, seed, batch, ...) is refused with one line, while steps, logging, eval and
 checkpoint cadence, mesh and remat may change. Re-running a finished run prints its summary and
-changes nothing. SIGTERM (preemption) saves a checkpoint at the current step and exits cleanly;
+changes nothing. SIGTERM (preemption) saves a checkpoint at the current step and exits with code
+75 (`errors.EXIT_STOPPED_EARLY`: stopped early, re-run to resume; 0 means the run is finished);
 with several hosts, all of them stop at the same step. A NaN/Inf loss or gradient norm stops the
 run with one line (exit 1) before anything non-finite is saved, or with `nonfinite=skip` leaves
 that update out.
@@ -43,6 +44,7 @@ from pausejax import metrics
 from pausejax import model as model_lib
 from pausejax import registry
 from pausejax import specials
+from pausejax.errors import EXIT_STOPPED_EARLY
 from pausejax.errors import RunError
 from pausejax.errors import UsageError
 from pausejax.errors import check_writable_dir
@@ -85,7 +87,7 @@ def _global_batch(batch, batch_sharding) -> dict[str, jax.Array]:
 
 
 class _Preemption:
-  """SIGTERM -> finish the current step, save a checkpoint, exit cleanly.
+  """SIGTERM -> finish the current step, save a checkpoint, exit with EXIT_STOPPED_EARLY (75).
 
   One process: a Python signal handler sets a flag. Several: jax's coordination service owns
   SIGTERM (a Python handler would replace its notifier); the host that receives it tells the
@@ -366,7 +368,10 @@ def main(argv):
     raise UsageError.setting("--config", None, "give a config file, e.g. --config=configs/tiny.py")
   if not workdir:
     raise UsageError.setting("--workdir", workdir, "give a run directory, e.g. runs/tiny")
-  train_and_evaluate(config, workdir)
+  info = train_and_evaluate(config, workdir)
+  if info.get("preempted"):  # Stopped before num_train_steps: a launcher must resume, not stop.
+    return EXIT_STOPPED_EARLY
+  return 0
 
 
 def define_flags() -> None:

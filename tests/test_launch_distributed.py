@@ -105,15 +105,20 @@ def test_gke_tpu_workers_from_environment(calls, monkeypatch):
 class _Metadata(http.server.BaseHTTPRequestHandler):
   """A stand-in GCE metadata server on 127.0.0.1."""
   endpoints = ""
+  tpu_env = None  # The `tpu-env` attribute; None = not there (404).
   headers_seen: list = []
 
   def do_GET(self):  # pylint: disable=invalid-name
     _Metadata.headers_seen.append((self.path, self.headers.get("Metadata-Flavor")))
+    body = None
     if self.path.endswith("/worker-network-endpoints"):
-      body = _Metadata.endpoints.encode()
+      body = _Metadata.endpoints
+    elif self.path.endswith("/tpu-env"):
+      body = _Metadata.tpu_env
+    if body is not None:
       self.send_response(200)
       self.end_headers()
-      self.wfile.write(body)
+      self.wfile.write(body.encode())
     else:
       self.send_response(404)
       self.end_headers()
@@ -129,6 +134,7 @@ def metadata_server(monkeypatch):
   thread.start()
   monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_port}")
   _Metadata.headers_seen = []
+  _Metadata.tpu_env = None
   yield _Metadata
   server.shutdown()
 
@@ -143,8 +149,34 @@ def test_gce_tpu_vm_asks_the_metadata_server(calls, monkeypatch, metadata_server
   metadata_server.endpoints = endpoints
   distributed.initialize()
   assert calls == ([("initialize", {})] if multi else [])
+  asked = ["worker-network-endpoints"] + ([] if multi else ["tpu-env"])  # One host: multislice?
   assert metadata_server.headers_seen == [
-      ("/computeMetadata/v1/instance/attributes/worker-network-endpoints", "Google")]
+      (f"/computeMetadata/v1/instance/attributes/{key}", "Google") for key in asked]
+
+
+@pytest.mark.parametrize("tpu_env,multi", [
+    ("ZONE: 'us-east5-a'\nMEGASCALE_NUM_SLICES: '2'\nMEGASCALE_SLICE_ID: '1'\n", True),
+    ("MEGASCALE_NUM_SLICES: '1'\n", False),
+    ("ZONE: 'us-east5-a'\n", False),
+])
+def test_a_multislice_of_one_host_slices_is_found_in_the_tpu_env_metadata(
+    calls, monkeypatch, metadata_server, tpu_env, multi):
+  # Each slice has one host, and the slice count is only in the metadata (a queued resource
+  # with --node-count): jax reads it there, so the hosts must be joined.
+  monkeypatch.setattr(distributed, "_running_in_cloud_tpu_vm", lambda: True)
+  metadata_server.endpoints = "w-0:uid0:10.0.0.2"
+  metadata_server.tpu_env = tpu_env
+  distributed.initialize()
+  assert calls == ([("initialize", {})] if multi else [])
+
+
+def test_megascale_num_slices_in_the_environment_wins(calls, monkeypatch, metadata_server):
+  monkeypatch.setattr(distributed, "_running_in_cloud_tpu_vm", lambda: True)
+  monkeypatch.setenv("MEGASCALE_NUM_SLICES", "1")
+  metadata_server.endpoints = "w-0:uid0:10.0.0.2"
+  metadata_server.tpu_env = "MEGASCALE_NUM_SLICES: '4'\n"
+  distributed.initialize()
+  assert calls == []  # As in jax: the variable, when set, is what counts.
 
 
 def test_tpu_skip_mds_query_is_respected(calls, monkeypatch, metadata_server):

@@ -37,6 +37,13 @@ CASES = {
     "tpu_pod_delete": [*POD, "delete"],
     "tpu_pod_delete_queued": [*POD, "--queued", "delete"],
     "tpu_pod_babysit": [*POD, "babysit", "--accelerator_type=v5p-32", "--spot", *TRAIN],
+    "tpu_pod_create_multislice": [
+        *POD, "--node_count=2", "create", "--accelerator_type=v5p-32", "--spot",
+        "--network=my-vpc", "--subnetwork=my-subnet",
+        "--service_account=trainer@my-proj.iam.gserviceaccount.com", "--scopes=cloud-platform",
+        "--labels=team=lm"],
+    "tpu_pod_run_multislice": [*POD, "--node_count=2", "--internal_ip", "run", *TRAIN],
+    "tpu_pod_status_multislice": [*POD, "--node_count=2", "status"],
     "gpu": ["gpu.py", *GPU_FLAGS, "--env=NCCL_DEBUG=WARN", "--", "--config=configs/c4_130m.py",
             "--workdir=/data/runs/c4_130m_pause"],
     "gpu_no_perf_flags": ["gpu.py", *GPU_FLAGS, "--no-perf_flags", "--mem_fraction=0.75", "--",

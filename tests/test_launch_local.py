@@ -122,6 +122,22 @@ else:
   assert _wait_gone(int((tmp_path / "p0.pid").read_text()))
 
 
+def test_a_process_that_stopped_early_waits_for_the_others(tools, tmp_path):
+  # Exit code 75 (stopped before the last step, checkpoint saved) is no failure: the other
+  # hosts stop at the same step and must be left to finish; the launcher then returns 75.
+  program = """
+import os, sys, time
+if os.environ["PAUSEJAX_PROCESS_ID"] == "0":
+  sys.exit(75)
+time.sleep(1.0)
+print("finished my part", flush=True)
+sys.exit(75)
+"""
+  r = tools.run("local.py", "--num_processes=2", "--", sys.executable, "-c", program)
+  assert r.returncode == 75, r.stderr
+  assert "[p1] finished my part" in r.stdout and "stopping the others" not in r.stderr
+
+
 def test_ctrl_c_stops_every_process(tools, tmp_path):
   program = f"""
 import os, pathlib, time

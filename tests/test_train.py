@@ -116,7 +116,8 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tfds_dir, tmp_path, re
   _wait_for_step(proc, tmp_path, 2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
+  from pausejax.errors import EXIT_STOPPED_EARLY
+  assert proc.returncode == EXIT_STOPPED_EARLY == 75, out[-3000:]  # Stopped early, not finished.
   assert "SIGTERM" in out
   from pausejax import checkpoint
   stopped_at = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3,

@@ -18,7 +18,7 @@ FAKES = pathlib.Path(__file__).resolve().parent
 # Variables that would change what the scripts do; the tests set what they need explicitly.
 _SCRUBBED = ("PAUSEJAX_TPU_NAME", "CLOUDSDK_CORE_PROJECT", "CLOUDSDK_COMPUTE_ZONE", "XLA_FLAGS",
              "PAUSEJAX_COORDINATOR", "PAUSEJAX_NUM_PROCESSES", "PAUSEJAX_PROCESS_ID",
-             "PAUSEJAX_UPDATE_GOLDEN", "JAX_PLATFORMS")
+             "PAUSEJAX_UPDATE_GOLDEN", "JAX_PLATFORMS", "XDG_STATE_HOME")
 
 
 class Tools:
@@ -40,7 +40,8 @@ class Tools:
     self.env.update(PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
                     FAKE_GCLOUD_LOG=str(self.gcloud_log), FAKE_SBATCH_LOG=str(self.sbatch_log),
                     FAKE_SRUN_LOG=str(self.srun_log),
-                    GCE_METADATA_IP="127.0.0.1:9")  # Workers' metadata lookups fail at once.
+                    GCE_METADATA_IP="127.0.0.1:9",  # Workers' metadata lookups fail at once.
+                    XDG_STATE_HOME=str(tmp / "state"))  # Where babysit writes what it does.
 
   def run(self, script: str, *args: str, timeout: float = 60, **env) -> subprocess.CompletedProcess:
     """`python launch/<script> args...` from a scratch directory; returns the finished process."""
