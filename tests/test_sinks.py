@@ -174,6 +174,7 @@ def test_init_from_a_run_with_another_start_is_refused(tfds_dir, tmp_path):
   assert not os.path.exists(tmp_path / "ft" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_inspect_data_shows_the_sink(tfds_dir):
   r = _cli("pausejax.inspect_data", ["--config=configs/tiny.py", "--num_examples=1",
                                      f"--config.tfds_data_dir={tfds_dir}",
@@ -182,8 +183,9 @@ def test_inspect_data_shows_the_sink(tfds_dir):
   assert "starts with <sink>" in r.stdout
   body = r.stdout.split("=" * 100)[2].strip()
   assert body.startswith("<sink>")
-  from pausejax import inspect_data
-  data, (example,) = inspect_data.examples(tiny_config(tfds_dir, task="shakespeare_sink"), 1,
-                                           train=True)
-  row = inspect_data.to_json(example, data)
-  assert row["decoder_input_tokens"][0] == row["pause_id"] + 1  # <sink> follows <pause>.
+  # The JSON view: the model features as they are fed, <sink> (the id after <pause>) first.
+  r = _cli("pausejax.inspect_data", ["--config=configs/tiny.py", "--num_examples=1", "--json",
+                                     f"--config.tfds_data_dir={tfds_dir}",
+                                     "--config.task=shakespeare_sink"])
+  row = json.loads(r.stdout.splitlines()[0])
+  assert row["decoder_input_tokens"][0] == row["pause_id"] + 1
