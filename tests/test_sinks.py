@@ -148,6 +148,7 @@ def _cli(module, args):
                         text=True)
 
 
+@pytest.mark.slow
 def test_cli_bad_start_token_exits_2_with_one_line(tfds_dir, tmp_path):
   r = _cli("pausejax.train", ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
                               f"--config.tfds_data_dir={tfds_dir}",

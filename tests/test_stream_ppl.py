@@ -150,6 +150,7 @@ def test_cli_bad_flags_exit_2_before_anything_is_read(tmp_path, extra, message):
   assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_cli_without_checkpoint_exits_2(tmp_path):
   proc = _cli(f"--workdir={tmp_path / 'nothing'}", f"--outdir={tmp_path / 'out'}")
   assert proc.returncode == 2, proc.stderr[-3000:]
