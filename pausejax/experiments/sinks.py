@@ -67,12 +67,7 @@ def pretrain_config(name: str, quick: bool, seed: int, steps: int, tfds_data_dir
   from pausejax.experiments import ablation  # The same tiny shapes as the ablation runner.
   task, overrides, _ = MODELS[name]
   c = ablation.pretrain_config(quick, seed, task, steps, tfds_data_dir)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
