@@ -137,6 +137,8 @@ def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
   names = ["decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"]
   if config.pack:
     names += ["decoder_segment_ids", "decoder_positions"]
+  if config.get("backspace") and config.backspace.rate:  # pausejax.backspace's edit structure.
+    names += ["decoder_lifetimes"] + ([] if config.pack else ["decoder_positions"])
   shape = (config.global_batch_size, config.seq_len)
   return {n: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding) for n in names}
 

@@ -36,6 +36,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 # model.remat choices (pausejax.model.REMAT_POLICIES: what each block keeps for the backward pass).
 REMAT_CHOICES = ("none", "full", "minimal", "dots_saveable")
 NONFINITE_CHOICES = ("stop", "skip")
+UNREADABLE_CHOICES = ("move_aside", "refuse")  # pausejax.ckpt_faults.POLICIES.
 START_TOKENS = ("bos", "sink", "none")  # pausejax.sinks: what every sequence starts with.
 
 
@@ -70,6 +71,14 @@ def defaults() -> ml_collections.ConfigDict:
   # chunk's own first token; pretraining only). Set once: a `*_sink` task sets "sink" itself.
   c.start_token = ml_collections.config_dict.placeholder(str)
   c.targets_len = 32                # (inputs, targets) tasks: answer tokens; the prompt gets the rest.
+  # SequenceMatch (pausejax.backspace): training targets get a noise token + <backspace> after
+  # each token with probability `rate` (the eval split stays clean). Noise is uniform over the
+  # ordinary ids, or drawn with the frequencies of the ids in `noise_from` (.npy or text, e.g. a
+  # model's own samples). `max_per_sequence`: <backspace> moves decoding may make per answer.
+  c.backspace = ml_collections.ConfigDict()
+  c.backspace.rate = 0.0
+  c.backspace.noise_from = ""
+  c.backspace.max_per_sequence = 0
   c.prefix_lm = False               # Prompt (and its pauses) attend bidirectionally; else causal.
   c.init_from = ""                  # Start from this checkpoint's parameters (fresh optimizer).
   # Schedule.
@@ -82,6 +91,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # A checkpoint that cannot be restored (truncated, deleted or corrupt files): "move_aside"
+  # moves it next to checkpoints/ (never deletes it) and resumes from the newest one that
+  # restores, loudly; "refuse" stops with one line. Readers (init_from, generate, evaluate) move
+  # nothing: they read the newest that restores, or refuse.
+  c.checkpoint_on_unreadable = "move_aside"
   c.seed = 0
   # A NaN/Inf loss or gradient norm: "stop" ends the run at that step (exit 1, nothing saved
   # after the last good checkpoint); "skip" leaves that step's update out and goes on, loudly.
@@ -147,6 +161,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "'append' (pauses after the prompt) or 'prepend' (before it)")
   _check(_is_int(c.targets_len) and c.targets_len >= 1, "targets_len", c.targets_len,
          "a positive integer")  # Its upper bound depends on the task: data.prepare checks it.
+  bs = c.get("backspace") or ml_collections.ConfigDict({"rate": 0.0, "noise_from": "",
+                                                          "max_per_sequence": 0})
+  _check(isinstance(bs.rate, (int, float)) and not isinstance(bs.rate, bool)
+         and 0.0 <= bs.rate < 1.0, "backspace.rate", bs.rate,
+         "a fraction in [0, 1): the chance of a noise token + <backspace> after a target token")
+  _check(isinstance(bs.noise_from, str), "backspace.noise_from", bs.noise_from,
+         "'' (uniform noise) or the path of a file of token ids")
+  if bs.noise_from:
+    from pausejax import fs
+    _check(fs.exists(bs.noise_from), "backspace.noise_from", bs.noise_from,
+           "an existing .npy or text file of token ids (no such file)")
+  _check(_is_int(bs.max_per_sequence) and bs.max_per_sequence >= 0, "backspace.max_per_sequence",
+         bs.max_per_sequence, "an integer >= 0 (0: decoding never deletes)")
   start = c.get("start_token")
   _check(start is None or start in START_TOKENS, "start_token", start,
          "unset (the task's), 'bos', 'sink' or 'none'")
@@ -207,6 +234,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          c.get("debug_input_digests"), "True or False")
   _check(c.get("nonfinite", "stop") in NONFINITE_CHOICES, "nonfinite", c.get("nonfinite"),
          "'stop' (end the run at a NaN/Inf loss) or 'skip' (leave that update out)")
+  _check(c.get("checkpoint_on_unreadable", "move_aside") in UNREADABLE_CHOICES,
+         "checkpoint_on_unreadable", c.get("checkpoint_on_unreadable"),
+         "'move_aside' (resume from the newest checkpoint that restores) or 'refuse'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +250,8 @@ CONFIG_FILENAME = "config.json"
 OPERATIONAL_KEYS = (
     "num_train_steps", "log_every_steps", "eval_every_steps", "num_eval_steps",
     "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "debug_input_digests",
-    "tfds_data_dir", "init_from", "nonfinite", "microbatches", "mesh", "logical_axis_rules",
+    "tfds_data_dir", "init_from", "nonfinite", "checkpoint_on_unreadable", "microbatches",
+    "mesh", "logical_axis_rules",
     "model.remat", "model.attention",
 )
 

@@ -35,6 +35,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from pausejax import backspace
 from pausejax import pause
 from pausejax import readers
 from pausejax import registry
@@ -143,6 +144,8 @@ def _shard_dataset(data: Data, config: ml_collections.ConfigDict, shard: seqio.S
         try_in_mem_cache=False,
     )
     ds = data.converter(ds, lengths)
+    if run_task.backspace_rate:  # Positions and lifetimes that hide deleted tokens.
+      ds = backspace.add_edit_structure(ds, data.vocabulary.backspace_id)
     if run_task.is_mixture:
       ds = ds.map(lambda ex, i=index: {**ex, TASK_INDEX: tf.constant(i, tf.int32)})
     datasets.append(ds)

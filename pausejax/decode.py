@@ -34,6 +34,15 @@ then nucleus top-p (1.0 = off), then a categorical draw with key `fold_in(key(se
 seed gives the same tokens with and without the cache. Embedding rows at or beyond `vocab_size`
 (padding up to a multiple of 128) are never sampled.
 
+Backspaces (`backspace_id`, `max_backspaces`; SequenceMatch, `pausejax.backspace`): emitting
+`<backspace>` deletes the last token: the cache drops its slot, and the token now on top is fed
+again into its own slot, which gives the logits after the restored prefix (the same the model
+computes for that prefix; training's replay rows compute exactly this). `<backspace>` is never
+sampled when it would delete the prompt (or its pauses), nor after `max_backspaces` deletions in
+a row's answer; with `backspace_id` given and `max_backspaces=0` it is never sampled at all. The
+answer is the text after all deletions; `raw_tokens` keeps the edit trace. Each `<backspace>`
+counts toward `max_new_tokens`, so the cache bound above still holds.
+
 Streaming (`window` > 0, `pausejax.stream`): the cache keeps the first `num_sinks` tokens and the
 `window` most recent ones, with positions inside the cache, so prompt + answer may be any length
 at constant memory (`max_len` is then not needed). The prompts are fed token by token, padded
@@ -56,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pausejax import backspace
 from pausejax import model as model_lib
 from pausejax import stream
 from pausejax.errors import UsageError
@@ -86,6 +96,7 @@ class Generation:
   raw_tokens: list[list[int]]  # Everything sampled after the appended pauses, EOS included.
   stopped_at_eos: list[bool]
   inputs: list[list[int]]      # What the model read before the answer: prompt + pauses.
+  num_backspaces: list[int] | None = None  # Deletions per answer (with backspace decoding).
 
 
 def _is_int(value: Any) -> bool:
@@ -158,12 +169,47 @@ def _decode_loop(advance: Callable, model_state: Any, logits_BxV: jax.Array, key
 _STATIC = ("graphdef", "max_new_tokens", "sampler", "prefix_lm")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+def backspace_advance(model: model_lib.Decoder, inputs_BxS: jax.Array, lengths_B: jax.Array,
+                      backspace_id: jax.Array, max_backspaces: int):
+  """(advance, mask) for `_decode_loop` over the dense cache with `<backspace>` moves.
+
+  The decode state is (cache, tokens held BxS, prompt lengths B, deletions used B).
+  `mask(logits_BxV, state)` removes `<backspace>` where it may not be sampled.
+  """
+  rows_B = jnp.arange(inputs_BxS.shape[0])
+
+  def mask(logits_BxV, st):
+    cache, _, prompt_B, used_B = st
+    allowed_B = (cache.lengths_B > prompt_B) & (used_B < max_backspaces)
+    is_bs_V = jnp.arange(logits_BxV.shape[-1]) == backspace_id
+    return jnp.where(is_bs_V[None] & ~allowed_B[:, None], -jnp.inf, logits_BxV)
+
+  def advance(tokens_B, st):
+    cache, held_BxS, prompt_B, used_B = st
+    is_bs_B = tokens_B == backspace_id
+    # A deletion drops the last slot and feeds the new top token again, into its own slot.
+    length_B = jnp.where(is_bs_B, cache.lengths_B - 2, cache.lengths_B)
+    feed_B = jnp.where(is_bs_B, held_BxS[rows_B, jnp.maximum(length_B, 0)], tokens_B)
+    logits_BxV, cache = model.decode_step(feed_B, dataclasses.replace(cache, lengths_B=length_B))
+    st = (cache, held_BxS.at[rows_B, length_B].set(feed_B), prompt_B,
+          used_B + is_bs_B.astype(jnp.int32))
+    return mask(logits_BxV, st), st
+
+  return advance, mask
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "max_backspaces"))
 def _generate_cached(graphdef, state, inputs_BxS, lengths_B, key, eos_id, vocab_size, *,
-                     max_new_tokens: int, sampler: Sampler, prefix_lm: bool) -> jax.Array:
+                     max_new_tokens: int, sampler: Sampler, prefix_lm: bool,
+                     backspace_id=None, max_backspaces: int = 0) -> jax.Array:
   model = nnx.merge(graphdef, state)
   logits_BxV, cache = model.prefill(inputs_BxS, lengths_B, inputs_BxS.shape[1], prefix_lm)
-  return _decode_loop(model.decode_step, cache, logits_BxV, key, eos_id, vocab_size,
+  if backspace_id is None:
+    return _decode_loop(model.decode_step, cache, logits_BxV, key, eos_id, vocab_size,
+                        max_new_tokens, sampler)
+  advance, mask = backspace_advance(model, inputs_BxS, lengths_B, backspace_id, max_backspaces)
+  st = (cache, inputs_BxS, lengths_B, jnp.zeros_like(lengths_B))
+  return _decode_loop(advance, st, mask(logits_BxV, st), key, eos_id, vocab_size,
                       max_new_tokens, sampler)
 
 
@@ -274,8 +320,21 @@ def prepare_inputs(cfg: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
 
 def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, temperature,
          top_k, top_p, seed, max_len, vocab_size, prefix_lm, bos_id, num_sinks=0,
-         window=0) -> Generation:
+         window=0, backspace_id=None, max_backspaces=0) -> Generation:
   sampler = Sampler(temperature, top_k, top_p)
+  extra = {}
+  if backspace_id is not None:
+    if not _is_int(backspace_id) or not 0 <= backspace_id < model.cfg.vocab_size:
+      raise UsageError.setting("backspace_id", backspace_id, f"the <backspace> id, in [0, "
+                               f"{model.cfg.vocab_size}): this model has no such embedding row")
+    if not _is_int(max_backspaces) or max_backspaces < 0:
+      raise UsageError.setting("max_backspaces", max_backspaces, "an integer >= 0")
+    if window:
+      raise UsageError.setting("max_backspaces", max_backspaces, "unset with a streaming cache "
+                               "(window > 0): backspace decoding uses the dense cache")
+    extra = dict(backspace_id=np.int32(backspace_id), max_backspaces=int(max_backspaces))
+  elif max_backspaces:
+    raise UsageError.setting("max_backspaces", max_backspaces, "0 without a backspace_id")
   rows, inputs_BxS, lengths_B = prepare_inputs(
       model.cfg, prompts, max_new_tokens=max_new_tokens, num_pauses=num_pauses, pause_id=pause_id,
       max_len=max_len, vocab_size=vocab_size, bos_id=bos_id, num_sinks=num_sinks, window=window,
@@ -288,21 +347,27 @@ def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, 
   graphdef, state = nnx.split(model)
   out_BxN = loop(graphdef, state, inputs_BxS, lengths_B, jax.random.key(seed),
                  np.int32(eos), np.int32(vocab_size or model.cfg.vocab_size),
-                 max_new_tokens=max_new_tokens, sampler=sampler, prefix_lm=bool(prefix_lm))
-  tokens, raw_tokens, stopped = [], [], []
+                 max_new_tokens=max_new_tokens, sampler=sampler, prefix_lm=bool(prefix_lm),
+                 **extra)
+  tokens, raw_tokens, stopped, deletions = [], [], [], []
   for row in np.asarray(out_BxN).tolist():
     raw = row[:row.index(_NOT_GENERATED)] if _NOT_GENERATED in row else row
-    tokens.append([t for t in raw if t != pause_id and t != eos])
+    final = raw if backspace_id is None else backspace.final_tokens(raw, backspace_id)
+    deletions.append(len(raw) - len(final) if backspace_id is None else
+                     sum(t == backspace_id for t in raw))
+    tokens.append([t for t in final if t != pause_id and t != eos])
     raw_tokens.append(raw)
     stopped.append(bool(raw) and raw[-1] == eos)
-  return Generation(tokens=tokens, raw_tokens=raw_tokens, stopped_at_eos=stopped, inputs=rows)
+  return Generation(tokens=tokens, raw_tokens=raw_tokens, stopped_at_eos=stopped, inputs=rows,
+                    num_backspaces=None if backspace_id is None else deletions)
 
 
 def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              num_pauses: int, pause_id: int, eos_id: int | None, max_len: int | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              vocab_size: int | None = None, prefix_lm: bool = False,
-             bos_id: int | None = 0, num_sinks: int = 0, window: int = 0) -> Generation:
+             bos_id: int | None = 0, num_sinks: int = 0, window: int = 0,
+             backspace_id: int | None = None, max_backspaces: int = 0) -> Generation:
   """Decodes a batch of prompts (token-id lists) with a KV cache.
 
   Args:
@@ -322,6 +387,8 @@ def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_
     num_sinks, window: with window > 0, decode with the streaming cache (`pausejax.stream`) of
       num_sinks sink slots and window recent ones (0 <= num_sinks <= window): prompt + answer
       may be any length. window=0 (default): the dense cache of max_len slots.
+    backspace_id, max_backspaces: `<backspace>` moves, at most max_backspaces per answer (see
+      above); backspace_id=None: the id is an ordinary token.
 
   Raises:
     UsageError: a bad setting, a prompt without BOS, or a prompt that does not fit in max_len.
@@ -329,7 +396,8 @@ def generate(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *, max_
   return _run(_generate_cached, model, prompts, max_new_tokens=max_new_tokens,
               num_pauses=num_pauses, pause_id=pause_id, eos_id=eos_id, temperature=temperature,
               top_k=top_k, top_p=top_p, seed=seed, max_len=max_len, vocab_size=vocab_size,
-              prefix_lm=prefix_lm, bos_id=bos_id, num_sinks=num_sinks, window=window)
+              prefix_lm=prefix_lm, bos_id=bos_id, num_sinks=num_sinks, window=window,
+              backspace_id=backspace_id, max_backspaces=max_backspaces)
 
 
 def generate_without_cache(model: model_lib.Decoder, prompts: Sequence[Sequence[int]], *,

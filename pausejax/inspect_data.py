@@ -4,10 +4,12 @@ r"""Show what a task feeds the model.
         [--split=train|validation] [--config.task=my_task --config.pause.rate=0.2]
 
 Readable view (default): the task and the pause rate it is read with, then each example's target
-text with `<pause>` (and a leading `<sink>`) visible, plus counts (the task line goes to stderr with `--json`).
+text with `<pause>`, `<backspace>` (after its noise token) and a leading `<sink>` visible, plus
+counts (the task line goes to stderr with `--json`).
 `--json`: one object per line with the model features as int lists under seqio's names
 (`decoder_target_tokens`, `decoder_input_tokens`, `decoder_loss_weights`, and
-`decoder_segment_ids` / `decoder_positions` when packed), `pause_id`, and `text`.
+`decoder_segment_ids` / `decoder_positions` when packed, `decoder_positions` / `decoder_lifetimes`
+with backspaces: `pausejax.backspace`), `pause_id`, and `text`.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ def readable(i: int, example: dict[str, np.ndarray], data: data_lib.Data,
              start: str = sinks.BOS) -> str:
   targets = example["decoder_target_tokens"]
   pauses = int(np.sum(targets == data.pause_id))
+  edits = int(np.sum(targets == data.vocabulary.backspace_id))
   real = int(np.sum(example["decoder_loss_weights"]))
   # With a <sink> (or no start token) the chunk is fed as it is: show the inputs, sink first.
   shown = targets if start == sinks.BOS else example["decoder_input_tokens"]
   bar = "=" * 100
   return (f"{bar}\nexample {i}: {len(targets)} target tokens | {pauses} <pause> | {real} with loss "
-          f"(pause targets and padding get none) | pause_id={data.pause_id} | starts with "
+          f"(pause targets, padding and deleted noise get none) | "
+          f"{f'{edits} noise + <backspace> | ' if edits else ''}pause_id={data.pause_id} | "
+          f"starts with "
           f"{'<sink>' if start == sinks.SINK else start}\n{bar}\n"
           f"{data.vocabulary.render(shown)}\n")
 

@@ -56,6 +56,9 @@ prefill and one compiled step serve every prompt length up to `max_len`. Row b's
 position p lives in slot p; a query at position p sees slots <= p, so slots beyond a row's length
 are never read. Keys are cached after RoPE (`pausejax.stream` caches them before).
 
+Backspaces (`lifetimes_BxL`, `pausejax.backspace`): a column may stop being visible after some
+rows, so deleted tokens vanish from everything after their `<backspace>`.
+
 Extension points: `Attention.__call__` takes positions and an explicit boolean mask (not
 `is_causal`, which assumes square, aligned query/key blocks); `Attention.qkv` and `.attend` are
 the projection and the attention alone, reused by the caches. Blocks have a (x, positions, mask)
@@ -230,11 +233,14 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> 
 
 
 def attention_mask(length: int, segment_ids_BxL: jax.Array | None,
-                   prefix_BxL: jax.Array | None = None) -> jax.Array:
+                   prefix_BxL: jax.Array | None = None,
+                   lifetimes_BxL: jax.Array | None = None) -> jax.Array:
   """Boolean mask (True = may attend): causal, and within one segment when packed.
 
   `prefix_BxL` (seqio's `decoder_causal_attention`, nonzero on the prompt of a prefix-LM
   example) makes the prompt bidirectional: its positions also see each other's future.
+  `lifetimes_BxL` (`pausejax.backspace`): column j is seen by rows j .. j + k - 1 only when
+  k = lifetime > 0, by every later row when 0, by none when negative.
   """
   index_L = jnp.arange(length)
   mask_BxLxL = (index_L[:, None] >= index_L[None, :])[None]
@@ -243,6 +249,10 @@ def attention_mask(length: int, segment_ids_BxL: jax.Array | None,
     mask_BxLxL = mask_BxLxL | (prefix_BxL[:, :, None] & prefix_BxL[:, None, :])
   if segment_ids_BxL is not None:
     mask_BxLxL = mask_BxLxL & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
+  if lifetimes_BxL is not None:
+    life_Bx1xL = lifetimes_BxL[:, None, :]
+    age_LxL = index_L[:, None] - index_L[None, :]  # Row minus column.
+    mask_BxLxL = mask_BxLxL & ((life_Bx1xL == 0) | (age_LxL[None] < life_Bx1xL))
   return mask_BxLxL[:, None]  # Bx1xLxL: one mask for all heads.
 
 
@@ -451,7 +461,8 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None,
-               prefix_BxL: jax.Array | None = None) -> jax.Array:
+               prefix_BxL: jax.Array | None = None,
+               lifetimes_BxL: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     batch, length = tokens_BxL.shape
     if cfg.max_len is not None and length > cfg.max_len:
@@ -459,8 +470,8 @@ class Decoder(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
     mask_Bx1xLxL = None  # Plain causal: fused attention kernels need no mask array.
-    if segment_ids_BxL is not None or prefix_BxL is not None:
-      mask_Bx1xLxL = attention_mask(length, segment_ids_BxL, prefix_BxL)
+    if segment_ids_BxL is not None or prefix_BxL is not None or lifetimes_BxL is not None:
+      mask_Bx1xLxL = attention_mask(length, segment_ids_BxL, prefix_BxL, lifetimes_BxL)
 
     x_BxLxD = self._embed(tokens_BxL)
     x_BxLxD = self._run_blocks(x_BxLxD, positions_BxL, mask_Bx1xLxL)

@@ -9,6 +9,8 @@ after its last preprocessor pausejax adds only what it owns:
   pauses      pretraining ("targets" only): PausePT insertion at the run's pause rate;
               fine-tuning ("inputs" and "targets"): `pause.num_finetune` pauses at the prompt
   start       pretraining with `start_token="sink"`: `<sink>` at position 0 (`sinks.py`)
+  backspaces  training split only, "targets": noise + `<backspace>` at `backspace.rate`
+              (`backspace.py`; the eval split stays clean, so eval losses compare across runs)
 
 The pause rate is set in exactly one place. A task with a pause step (pausejax's `*_pause` tasks,
 `tasks.with_pauses` variants) carries its own rate, and `pause.rate` must then be left unset (or
@@ -30,6 +32,7 @@ import os
 import ml_collections
 import seqio
 
+from pausejax import backspace
 from pausejax import corpus
 from pausejax import downstream
 from pausejax import fs
@@ -65,6 +68,7 @@ class RunTask:
   vocabulary: specials.SpecialsVocabulary
   rate_from: str            # RATE_FROM_TASK, RATE_FROM_CONFIG or "" (no pauses).
   start: str = sinks.BOS    # What every sequence starts with: sinks.BOS, SINK or NONE.
+  backspace_rate: float = 0.0  # Noise + <backspace> insertion (training split only).
 
   @property
   def start_ids(self) -> list[int]:
@@ -87,6 +91,7 @@ class RunTask:
     rate = (f"pause rate {rates[0]:g}" if len(rates) == 1 else
             "pause rates " + ", ".join(f"{p.name} {p.pause_rate:g}" for p in self.parts))
     start = "" if self.start == sinks.BOS else f", start token {self.start}"
+    start += f", backspace rate {self.backspace_rate:g}" if self.backspace_rate else ""
     return f"{name} ({rate}{f', set by {self.rate_from}' if self.rate_from else ''}{start})"
 
 
@@ -155,6 +160,7 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
   name = _name(config, setting)
   data_dir = config.tfds_data_dir or None
   recipe = downstream.recipe(name)
+  bs_steps, bs_rate = _backspaces(config, setting)
   if recipe is not None:
     if config.pause.rate:
       raise _rate_for_finetuning(config, name)
@@ -162,9 +168,10 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
     recipe.ensure_prepared(data_dir)
     vocabulary = specials.load_vocabulary(config.vocab_path or corpus.DEFAULT_VOCAB_PATH)
     view = recipe.build(vocabulary, mode="train", tfds_data_dir=data_dir,
-                        extra_preprocessors=[_finetune_pauses(config)])
+                        extra_preprocessors=[_finetune_pauses(config), *bs_steps])
     split = recipe.train_split if setting == "task" else recipe.eval_split
-    return RunTask(name, FINETUNING, (Part(name, view, 1.0, 0.0, split),), vocabulary, "", start)
+    return RunTask(name, FINETUNING, (Part(name, view, 1.0, 0.0, split),), vocabulary, "", start,
+                   bs_rate)
 
   members = _members(lookup(name, setting))
   kinds = {t.name: FINETUNING if "inputs" in t.output_features else PRETRAINING
@@ -202,7 +209,7 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
       sink_steps, start = _pretraining_start(wanted, task, name)
       steps += sink_steps
       starts.add(start)
-    view = pause.with_steps(task, steps, output_features=features)
+    view = pause.with_steps(task, [*steps, *bs_steps], output_features=features)
     parts.append(Part(task.name, view, float(weight), rate, split))
   if kind == PRETRAINING:
     _check_room(config, max(p.pause_rate for p in parts))
@@ -212,7 +219,15 @@ def resolve(config: ml_collections.ConfigDict, setting: str = "task") -> RunTask
   path = specials.model_file(vocabulary)
   if not fs.exists(path):
     raise UsageError(f"the vocabulary of task {name}, {path}, cannot be read (no such file)")
-  return RunTask(name, kind, tuple(parts), vocabulary, rate_from, starts.pop())
+  return RunTask(name, kind, tuple(parts), vocabulary, rate_from, starts.pop(), bs_rate)
+
+
+def _backspaces(config, setting: str):
+  """(steps to add, rate) for SequenceMatch's noise + <backspace>: the training split only."""
+  bs = config.get("backspace")
+  if setting != "task" or not bs or not bs.rate:
+    return [], 0.0
+  return [backspace.backspace_preprocessor(bs.rate, bs.noise_from)], float(bs.rate)
 
 
 def _pretraining_start(wanted: str | None, task: seqio.Task, name: str):

@@ -37,9 +37,11 @@ def apply_model(graphdef, abstract_params: nnx.State, params: PyTree, batch: dic
   state = jax.tree.map(lambda x: x, abstract_params)  # Fresh copy: replace_by_pure_dict mutates.
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
-  # decoder_causal_attention (prefix-LM fine-tuning) is in the batch only with config.prefix_lm.
+  # decoder_causal_attention (prefix-LM fine-tuning) is in the batch only with config.prefix_lm,
+  # decoder_lifetimes (pausejax.backspace) only with backspaces.
   return model(batch["decoder_input_tokens"], batch.get("decoder_segment_ids"),
-               batch.get("decoder_positions"), batch.get("decoder_causal_attention"))
+               batch.get("decoder_positions"), batch.get("decoder_causal_attention"),
+               batch.get("decoder_lifetimes"))
 
 
 # ----------------------------------------------------------------------------------------------
