@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 import ml_collections
 
 from pausejax import model as model_lib
+from pausejax import sequencematch
 from pausejax import sharding
 from pausejax import step as step_lib
 
@@ -65,11 +66,18 @@ class Run:
     """A freshly initialised train state, created directly in its shardings."""
     return jax.jit(self.init_state, out_shardings=self.state_shardings)()
 
-  def train_step(self, *, skip_nonfinite: bool = False):
-    """The jitted train step: (state, batch) -> (state, metrics); the state is donated."""
-    fn = step_lib.make_train_step(self.graphdef, self.abstract_params, self.tx, self.schedule,
-                                  self.pause_id, self.config.get("microbatches", 1),
-                                  skip_nonfinite=skip_nonfinite)
+  def train_step(self, *, skip_nonfinite: bool = False, eos_id: int = 1):
+    """The jitted train step: (state, batch) -> (state, metrics); the state is donated.
+    With `sequencematch.weight` > 0 it is SequenceMatch's (`sequencematch.py`)."""
+    sm = sequencematch.Settings.from_config(self.config)
+    if sm is not None:
+      fn = sequencematch.make_train_step(self.graphdef, self.abstract_params, self.tx,
+                                         self.schedule, self.pause_id, eos_id, sm,
+                                         skip_nonfinite=skip_nonfinite)
+    else:
+      fn = step_lib.make_train_step(self.graphdef, self.abstract_params, self.tx, self.schedule,
+                                    self.pause_id, self.config.get("microbatches", 1),
+                                    skip_nonfinite=skip_nonfinite)
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
@@ -103,8 +111,11 @@ def build(config: ml_collections.ConfigDict, vocab_rows: int, pause_id: int, *,
   param_shardings = sharding.named_shardings(param_specs, mesh, rules)
   tx, schedule = step_lib.make_optimizer(config.optimizer, max(config.num_train_steps, 1),
                                          param_specs)
+  sm = sequencematch.Settings.from_config(config) if training else None
+  replay = None if sm is None else {
+      k: (sm.buffer_size, config.seq_len) for k in sequencematch.REPLAY_KEYS}
   init_state, abstract_state, state_shardings = step_lib.make_state(
-      model_cfg, tx, config.seed, param_shardings, mesh)
+      model_cfg, tx, config.seed, param_shardings, mesh, replay)
   return Run(config=config, mesh=mesh, rules=rules, batch_sharding=batch_sharding,
              model_cfg=model_cfg, graphdef=graphdef, abstract_params=abstract_params,
              param_specs=param_specs, param_shardings=param_shardings, tx=tx,

@@ -68,15 +68,20 @@ def make_optimizer(oc, num_train_steps: int, param_specs: PyTree):
   return tx, schedule
 
 
-def make_state(model_cfg, tx, seed: int, param_shardings: PyTree, mesh):
+def make_state(model_cfg, tx, seed: int, param_shardings: PyTree, mesh,
+               replay: dict[str, tuple[int, ...]] | None = None):
   """The train state {step, params, opt_state}: an init function, its shapes and its shardings.
 
-  Optimizer moments take their parameter's sharding; everything else is replicated.
+  Optimizer moments take their parameter's sharding; everything else is replicated. `replay`
+  (name -> shape) adds SequenceMatch's replay buffer of int32 arrays, zeros at first.
   """
   def init_state():
     model = model_lib.Decoder(model_cfg, rngs=nnx.Rngs(seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if replay:
+      state["replay"] = {k: jnp.zeros(shape, jnp.int32) for k, shape in replay.items()}
+    return state
 
   shapes = jax.eval_shape(init_state)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -88,6 +93,8 @@ def make_state(model_cfg, tx, seed: int, param_shardings: PyTree, mesh):
           transform_non_params=lambda _: replicated,
           is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
   }
+  if replay:
+    shardings["replay"] = {k: replicated for k in replay}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
   return init_state, abstract, shardings
