@@ -28,6 +28,9 @@ builds the training view from the recipe, `resolve(name).build(vocabulary, mode=
   addition                embedded, synthetic: "123+45=" -> "168"  generative  exact_match
                           (1-3 digit operands, 20,000 train / 500 validation examples, seed 0;
                           `register_addition_task` makes other sizes)
+  arith_base7             embedded, synthetic: "152-64=" -> "55" in base 7  generative
+                          (add or subtract, 1-3 digit operands, 4,000 train / 300 validation,
+                          seed 0; `register_arithmetic_task` makes other bases and sizes)
 
 TFDS prompts are plain text such as "Question: ...\nAnswer:" (see the `_*_text` functions).
 
@@ -437,6 +440,68 @@ def register_addition_task(name: str = "addition", **source_kwargs) -> Downstrea
                                   metric_fns=("exact_match",))
 
 
+def to_base(n: int, base: int) -> str:
+  digits = ""
+  while True:
+    n, d = divmod(n, base)
+    digits = "0123456789"[d] + digits
+    if n == 0:
+      return digits
+
+
+def arithmetic_examples(num_examples: int, *, base: int, max_digits: int, seed: int,
+                        exclude: frozenset = frozenset()) -> list[tuple[str, str]]:
+  """Distinct ("a+b=" or "a-b=", answer) problems in base `base` (2..10), operands of
+  1..max_digits digits, a >= b for subtraction (answers are never negative), not in `exclude`."""
+  if not isinstance(base, int) or not 2 <= base <= 10:
+    raise ValueError(f"base must be an integer in [2, 10], got {base!r}")
+  if num_examples > base ** (2 * max_digits):  # Two ops, halved by a >= b: keeps this quick.
+    raise ValueError(f"{num_examples} problems is too many for base {base}, {max_digits} digits")
+  rng = np.random.default_rng(seed)
+  seen, out = set(exclude), []
+  while len(out) < num_examples:
+    digits = rng.integers(1, max_digits + 1, size=2)
+    a, b = (int(rng.integers(0 if d == 1 else base ** (d - 1), base ** d)) for d in digits)
+    op = "+-"[int(rng.integers(2))]
+    if op == "-" and a < b:
+      a, b = b, a
+    prompt = f"{to_base(a, base)}{op}{to_base(b, base)}="
+    if prompt not in seen:
+      seen.add(prompt)
+      out.append((prompt, to_base(a + b if op == "+" else a - b, base)))
+  return out
+
+
+def arithmetic_source(*, base: int = 7, max_digits: int = 3, num_train: int = 4000,
+                      num_validation: int = 300, seed: int = 0) -> seqio.DataSource:
+  """Add-or-subtract in base `base`: "a-b=" -> "a-b", validation problems never in train."""
+  cache: dict[str, list[tuple[str, str]]] = {}
+  data_seed = seed
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del shuffle_files, seed  # The data is fixed by data_seed; seqio shuffles after.
+    if "validation" not in cache:
+      cache["validation"] = arithmetic_examples(num_validation, base=base,
+                                                max_digits=max_digits, seed=data_seed * 2 + 1)
+    if split not in cache:
+      cache[split] = arithmetic_examples(
+          num_train, base=base, max_digits=max_digits, seed=data_seed * 2,
+          exclude=frozenset(p for p, _ in cache["validation"]))
+    return tf.data.Dataset.from_tensor_slices({"inputs": [p for p, _ in cache[split]],
+                                               "targets": [a for _, a in cache[split]]})
+
+  return seqio.FunctionDataSource(
+      dataset_fn, splits=["train", "validation"],
+      num_input_examples={"train": num_train, "validation": num_validation})
+
+
+def register_arithmetic_task(name: str = "arith_base7", **source_kwargs) -> DownstreamRecipe:
+  """Registers an add-or-subtract task (`arithmetic_source` settings, e.g. base=5)."""
+  return register_downstream_task(name, kind="generative",
+                                  source=arithmetic_source(**source_kwargs),
+                                  metric_fns=("exact_match",))
+
+
 # ----------------------------------------------------------------------------------------------
 # TFDS tasks (text_fn: tf ops on one TFDS example).
 
@@ -495,6 +560,7 @@ def _register_defaults() -> None:
     register_downstream_task(name, kind=kind, tfds_name=tfds_name, text_fn=text_fn,
                              metric_fns=metrics, eval_split=eval_split)
   register_addition_task()
+  register_arithmetic_task()
 
 
 _register_defaults()

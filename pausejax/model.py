@@ -12,7 +12,8 @@ RMSNorm statistics, RoPE rotation, attention softmax and the logits are float32.
 
 Packing: with `segment_ids_BxL` a token attends only to earlier-or-same tokens of its segment;
 `positions_BxL` (reset to 0 at each segment start) feed RoPE, so a packed segment computes
-exactly what it would alone. Segment id 0 marks padding; padding only sees padding.
+exactly what it would alone. Segment id 0 marks padding; padding only sees padding. Backspaces
+(`lifetimes_BxL`, `pausejax.backspace`): a token may stop being visible after some rows.
 
 Initialisation: kernels are truncated normal with variance 1/fan_in (the contracted input dims);
 the attention output and MLP down projections, which write into the residual stream, get a
@@ -28,15 +29,12 @@ so building a model needs no mesh. To place a model on a mesh, map the names to 
 
 and create the state under `jax.jit(..., out_shardings=shardings)`. Every logical name must
 appear in the rules (None replicates): an unmapped name is passed through as a mesh axis name.
-`nnx.Optimizer` copies the metadata, so optimizer state gets the same names.
 
 Activation sharding: given a `mesh` and `logical_axis_rules` (`ModelConfig.from_config(...,
-mesh=, rules=)`), activations are constrained with `jax.lax.with_sharding_constraint`: the
-residual stream to ('batch', 'length', 'activation_embed'), queries/keys/values to ('batch',
-'length', 'heads', 'kv'), the MLP hidden to ('batch', 'length', 'mlp'), the logits to ('batch',
-'length', 'vocab'). 'activation_embed' is its own name because the parameters' 'embed' goes over
-fsdp while activations split by batch (unconstrained, XLA may keep some activations of
-fsdp-sharded matmuls whole-batch on every chip). No mesh, or a one-device mesh: no constraints.
+mesh=, rules=)`), activations are constrained (`with_sharding_constraint`) to ('batch', 'length',
+x) with x = 'activation_embed' (residual stream), ('heads', 'kv') (queries/keys/values), 'mlp'
+or 'vocab' (logits). 'activation_embed' is its own name because the parameters' 'embed' goes over
+fsdp while activations split by batch. No mesh, or a one-device mesh: no constraints.
 
 Scanned layers (`scan_layers`): the blocks' parameters are stacked on a leading 'layers' axis
 (from the same per-layer initialisation, so a seed gives the same numbers either way;
@@ -48,16 +46,11 @@ Zero sink (`zero_sink`, StreamingLLM's SoftMax1, exp(x_i) / (1 + sum_j exp(x_j))
 attention row also sees an all-zero key (logit exactly 0) with an all-zero value, so a head can
 put mass "nowhere". No parameters; training, the KV cache and `pausejax.stream` all apply it.
 
-KV cache (decoding): `Decoder.prefill(tokens_BxL, lengths_B, max_len)` runs a right-padded batch
-of prompts once and returns the next-token logits after each prompt plus a `KVCache` of `max_len`
-slots; `Decoder.decode_step(tokens_B, cache)` appends one token per row and returns the logits for
-the next one. The cache is an explicit pytree, so both jit with fixed shapes: one compiled
-prefill and one compiled step serve every prompt length up to `max_len`. Row b's token at
-position p lives in slot p; a query at position p sees slots <= p, so slots beyond a row's length
-are never read. Keys are cached after RoPE (`pausejax.stream` caches them before).
-
-Backspaces (`lifetimes_BxL`, `pausejax.backspace`): a column may stop being visible after some
-rows, so deleted tokens vanish from everything after their `<backspace>`.
+KV cache (decoding): `Decoder.prefill(tokens_BxL, lengths_B, max_len)` runs right-padded prompts
+once: next-token logits after each, and a `KVCache` of `max_len` slots (an explicit pytree: one
+compiled prefill and one compiled `decode_step` per shape serve every prompt length). Row b's
+token at position p lives in slot p; a query at position p sees slots <= p, so slots beyond a
+row's length are never read. Keys are cached after RoPE (`pausejax.stream` caches them before).
 
 Extension points: `Attention.__call__` takes positions and an explicit boolean mask (not
 `is_causal`, which assumes square, aligned query/key blocks); `Attention.qkv` and `.attend` are
@@ -239,8 +232,7 @@ def attention_mask(length: int, segment_ids_BxL: jax.Array | None,
 
   `prefix_BxL` (seqio's `decoder_causal_attention`, nonzero on the prompt of a prefix-LM
   example) makes the prompt bidirectional: its positions also see each other's future.
-  `lifetimes_BxL` (`pausejax.backspace`): column j is seen by rows j .. j + k - 1 only when
-  k = lifetime > 0, by every later row when 0, by none when negative.
+  `lifetimes_BxL` (`pausejax.backspace`): column j is seen by rows j .. j+k-1 for k > 0, all for 0.
   """
   index_L = jnp.arange(length)
   mask_BxLxL = (index_L[:, None] >= index_L[None, :])[None]

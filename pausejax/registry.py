@@ -82,7 +82,8 @@ class RunTask:
     """E.g. "shakespeare_pause (pause rate 0.1, set by the task)", or for a mixture
     "m = a 90% + b 10% (pause rate 0.1, set by the task)"."""
     if self.kind == FINETUNING:
-      return f"{self.name} (fine-tuning)"
+      edits = f", backspace rate {self.backspace_rate:g}" if self.backspace_rate else ""
+      return f"{self.name} (fine-tuning{edits})"
     name = self.name
     if self.is_mixture:
       total = sum(p.weight for p in self.parts)
