@@ -29,6 +29,10 @@ that, creating a `Checkpointer` deletes the temporary directories left by a kill
 Not covered: Orbax does not fsync, so a power loss or kernel crash (unlike a killed process)
 may lose recently written files on filesystems that reorder writes.
 
+Faults (`ckpt_faults`): a save that cannot be written raises one-line `SaveError` (a background
+save as soon as `check_saves` sees it fail); `restore_newest` moves a checkpoint that cannot be
+restored aside, never deleting it, and restores the newest one that can.
+
 Multi-host
 ----------
 Every process calls every method (Orbax synchronises them). `directory` must be one filesystem
@@ -58,10 +62,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pausejax import ckpt_faults
 from pausejax.errors import UsageError
 
 STATE = "state"
 DATA = "data"
+
+reading_policy = ckpt_faults.reading_policy  # For readers that reach `load_params_and_step`.
 
 _DATA_FILE_PREFIX = "process_"
 _SHARD_FILE = re.compile(r"shard_(\d+)_of_(\d+)$")
@@ -99,6 +106,12 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
     wanted = _named_iterators(args.iterator)
     saved = {p.name[:-len(".index")] for p in directory.glob("*.index")}
+    # Every position is an .index file and its data; one without the other was damaged.
+    data = {p.name.split(".data-")[0] for p in directory.glob("*.data-*")}
+    if not saved or saved != data:
+      raise ckpt_faults.Unreadable(
+          f"the data positions in {directory} are incomplete (index files for "
+          f"{sorted(saved) or 'none'}, data files for {sorted(data) or 'none'})")
     if _layout(saved) != _wanted_layout(args.iterator) or not set(wanted) <= saved:
       _warn_restart(directory, _layout(saved), _wanted_layout(args.iterator))
       return None
@@ -107,10 +120,20 @@ class DataIteratorHandler(ocp.CheckpointHandler):
         tf.train.Checkpoint(iterator=iterator).read(
             os.fspath(directory / name)).assert_consumed()
       except (tf.errors.OpError, AssertionError, ValueError) as e:
+        # tf.data names a pipeline that does not fit as a missing iterator key; anything else
+        # (a checksum, a short read) is damage to the files.
+        misfit = not isinstance(e, tf.errors.OpError) or (
+            isinstance(e, tf.errors.NotFoundError) and "restore dataset iterator" in str(e))
+        if not misfit:
+          raise ckpt_faults.Unreadable(
+              f"{directory / name} cannot be read ({ckpt_faults.clean(str(e))})") from e
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(
             f"the data iterator in {directory} does not fit this input pipeline ({first_line});"
             " use the data settings of the checkpointed run or a fresh --workdir") from e
+      except (OSError, IndexError) as e:  # A file cut short: "Read less bytes than requested".
+        raise ckpt_faults.Unreadable(
+            f"{directory / name} cannot be read ({ckpt_faults.reason(e)})") from e
     return args.iterator
 
   def metadata(self, directory: epath.Path) -> None:
@@ -232,7 +255,8 @@ class Checkpointer:
   Call `save` after every training step; it writes only when `step % save_every_steps == 0`
   (or when the cluster signals a preemption, or with `force=True`). With `async_save`, `save`
   returns once the arrays are on the host and the iterator position is captured; the files are
-  written in the background, so call `close()` (or `wait_until_finished()`) before exiting.
+  written in the background, so call `close()` (or `wait_until_finished()`) before exiting, and
+  `check_saves()` after every step to stop as soon as a background save has failed.
   See the module docstring for what happens when a save is killed.
   """
 
@@ -248,8 +272,10 @@ class Checkpointer:
     self._directory = _as_path(directory)
     self._name_format = ocp.step.standard_name_format()
     self.data_position_restored = False  # Set by `restore`.
+    self._in_flight: int | None = None  # The step of a background save not yet waited for.
     if not read_only:
       _remove_unfinished_saves(self._directory)
+      ckpt_faults.quiet_background_errors()
 
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     state_handler = ocp.StandardCheckpointHandler()
@@ -301,15 +327,37 @@ class Checkpointer:
     """Saves `state` (and the iterator's position) as `step` if the policy says so.
 
     Returns whether a save was started. A step that is already saved is skipped, so a final
-    `save(..., force=True)` right after a periodic one is harmless.
+    `save(..., force=True)` right after a periodic one is harmless. A save that cannot be
+    written (this one, or the previous one in the background) raises `ckpt_faults.SaveError`.
     """
     step = int(step)
-    if step in self._manager.all_steps():
+    if step in self._manager.all_steps() or not (force or self.should_save(step)):
       return False
+    self.wait_until_finished()  # Orbax would wait too; this way a failure names its own step.
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items[DATA] = DataIteratorSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # The part written before `save` returns: sync saves, data positions.
+      raise self._save_error(step, e) from None
+    if started:
+      self._in_flight = step
+    return started
+
+  def check_saves(self) -> None:
+    """Raises `ckpt_faults.SaveError` if a background save has failed; call after every step.
+
+    Never waits for a save that is still being written.
+    """
+    if self._in_flight is not None and not self._manager.is_saving_in_progress():
+      self.wait_until_finished()
+
+  def _save_error(self, step: int, error: BaseException) -> ckpt_faults.SaveError:
+    last_good = max((s for s in ocp.utils.checkpoint_steps(self._directory) if s != step),
+                    default=None) if self._directory.exists() else None
+    return ckpt_faults.save_error(step, self._directory / str(step), self._directory, last_good,
+                                  error)
 
   def restore(self, step: int | None, abstract_state: Any, data_iterator: Any = None) -> Any:
     """Restores the state saved at `step` (None: the latest) and, if given, the iterator.
@@ -319,7 +367,8 @@ class Checkpointer:
     (another mesh, replicated, ...). `data_iterator` must be a fresh iterator over the same
     pipeline; it is moved, in place, to the position saved with the checkpoint. Where the saved
     positions are of another shard (or process) layout it is left at the start, with a
-    warning, and `data_position_restored` is False.
+    warning, and `data_position_restored` is False. Damaged files raise
+    `ckpt_faults.Unreadable` or the storage library's own error (see `restore_newest`).
     """
     if step is None:
       step = self.latest_step()
@@ -339,6 +388,26 @@ class Checkpointer:
     self.data_position_restored = data_iterator is not None and restored[DATA] is not None
     return restored[STATE]
 
+  def restore_newest(self, abstract_state: Any, data_iterator: Any = None, *,
+                     on_unreadable: str = "move_aside") -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores (as `restore`); (None, None) if
+    there is no checkpoint.
+
+    Newer checkpoints that cannot be restored are moved aside, with one WARNING line each, once
+    an older one has restored; with `on_unreadable="refuse"` the first raises RunError instead,
+    and so does a directory where none restores (nothing is moved then). A checkpoint of
+    another model raises UsageError as `restore` does. See `ckpt_faults`.
+    """
+    return ckpt_faults.restore_newest(self, abstract_state, data_iterator, on_unreadable)
+
+  def step_dir(self, step: int) -> epath.Path:
+    """The directory of the complete checkpoint `step`."""
+    return self._name_format.find_step(self._directory, int(step)).path
+
+  def reload(self) -> None:
+    """Lists the steps on disk again (after steps were moved away)."""
+    self._manager.reload()
+
   def check_compatible(self, abstract_state: Any) -> None:
     """Raises `UsageError` if the latest checkpoint's arrays do not fit `abstract_state`.
 
@@ -350,7 +419,14 @@ class Checkpointer:
       self._check_against(step, abstract_state)
 
   def _check_against(self, step: int, abstract_state: Any) -> None:
-    stored = _shapes_by_name(self._manager.item_metadata(step)[STATE].tree)
+    try:
+      metadata = self._manager.item_metadata(step)[STATE]
+    except Exception as e:
+      raise ckpt_faults.Unreadable(
+          f"its metadata in {STATE}/ cannot be read ({ckpt_faults.reason(e)})") from e
+    if metadata is None:
+      raise ckpt_faults.Unreadable(f"its metadata ({STATE}/_METADATA) is missing")
+    stored = _shapes_by_name(metadata.tree)
     wanted = _shapes_by_name(abstract_state)
     advice = "use a fresh --workdir, or model.* settings that match the checkpoint"
     where = f"{self._directory} holds a checkpoint (step {step}) that does not fit this config"
@@ -368,12 +444,23 @@ class Checkpointer:
         raise UsageError(f"{where}: {name} is in the checkpoint but not in the config; {advice}")
 
   def wait_until_finished(self) -> None:
-    """Blocks until a background save (and the clean-up of old steps) is done."""
-    self._manager.wait_until_finished()
+    """Blocks until a background save (and the clean-up of old steps) is done.
+
+    Raises `ckpt_faults.SaveError` if it failed.
+    """
+    step, self._in_flight = self._in_flight, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(step, e) from None
 
   def close(self) -> None:
-    """Finishes pending saves and releases Orbax's resources."""
-    self._manager.close()
+    """Finishes pending saves (raising `ckpt_faults.SaveError` if one failed) and releases
+    Orbax's resources."""
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -412,39 +499,59 @@ def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Parameters only, for fine-tuning (`init_from`).
 
-def _params_step_dir(path: str, setting: str = "init_from") -> epath.Path:
-  """The step directory that `init_from=path` names: a workdir, its checkpoints/, or one step."""
+def _params_step_dirs(path: str, setting: str = "init_from") -> list[epath.Path]:
+  """The step directories that `init_from=path` names, newest first: one, if `path` is a step
+  directory; else the complete steps of a workdir or of its checkpoints/ directory."""
   root = _as_path(path)
   if (root / STATE).exists():
-    return root
+    return [root]
   if (root / "checkpoints").exists():
     root = root / "checkpoints"
-  latest = None
+  steps = []
   if root.exists():
-    latest = ocp.step.latest_step_metadata(root, ocp.step.standard_name_format())
-  if latest is None:
+    name_format = ocp.step.standard_name_format()
+    steps = sorted(name_format.find_all(root), key=lambda m: m.step, reverse=True)
+  if not steps:
     raise UsageError.setting(
         setting, path, "a workdir, its checkpoints/ directory or one step directory in it, "
         "holding a complete checkpoint")
-  return latest.path
+  return [m.path for m in steps]
 
 
-def load_params(path: str, abstract_params: Any, *, setting: str = "init_from") -> Any:
-  """The parameters of the checkpoint at `path` (see `_params_step_dir`), nothing else.
+def load_params(path: str, abstract_params: Any, *, setting: str = "init_from",
+                on_unreadable: str | None = None) -> Any:
+  """The parameters of the checkpoint at `path` (see `_params_step_dirs`), nothing else.
 
   `abstract_params` gives shapes, dtypes and target shardings; the optimizer state and data
   position in the checkpoint are not read (a third of Adam's bytes). A checkpoint of another
-  shape raises UsageError naming `setting`.
+  shape raises UsageError naming `setting`. Of a directory of steps the newest that can be read
+  is used, with a WARNING line for each newer one that cannot ("move_aside"; nothing is moved
+  here), or RunError ("refuse"); None takes `ckpt_faults.reading_policy`'s.
   """
-  return load_params_and_step(path, abstract_params, setting=setting)[0]
+  return load_params_and_step(path, abstract_params, setting=setting,
+                              on_unreadable=on_unreadable)[0]
 
 
-def load_params_and_step(path: str, abstract_params: Any, *,
-                         setting: str = "init_from") -> tuple[Any, int | None]:
+def load_params_and_step(path: str, abstract_params: Any, *, setting: str = "init_from",
+                         on_unreadable: str | None = None) -> tuple[Any, int | None]:
   """(parameters, step) of the checkpoint at `path`; see `load_params`."""
-  step_dir = _params_step_dir(path, setting)
+  return ckpt_faults.read_newest(
+      _params_step_dirs(path, setting),
+      lambda step_dir: _read_params(step_dir, path, abstract_params, setting),
+      on_unreadable or ckpt_faults.read_policy())
+
+
+def _read_params(step_dir: epath.Path, path: str, abstract_params: Any,
+                 setting: str) -> tuple[Any, int | None]:
   checkpointer = ocp.PyTreeCheckpointer()
-  stored = checkpointer.metadata(step_dir / STATE).item_metadata.tree
+  try:
+    stored = checkpointer.metadata(step_dir / STATE).item_metadata
+  except Exception as e:
+    raise ckpt_faults.Unreadable(
+        f"its metadata in {STATE}/ cannot be read ({ckpt_faults.reason(e)})") from e
+  if stored is None:
+    raise ckpt_faults.Unreadable(f"its metadata ({STATE}/_METADATA) is missing")
+  stored = stored.tree
   if not isinstance(stored, dict) or "params" not in stored:
     raise UsageError.setting(setting, path, f"a checkpoint with parameters ({step_dir} has none)")
   have = _shapes_by_name(stored["params"])

@@ -36,7 +36,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 # model.remat choices (pausejax.model.REMAT_POLICIES: what each block keeps for the backward pass).
 REMAT_CHOICES = ("none", "full", "minimal", "dots_saveable")
 NONFINITE_CHOICES = ("stop", "skip")
-UNREADABLE_CHOICES = ("move_aside", "refuse")  # pausejax.ckpt_faults.POLICIES.
+UNREADABLE_CHOICES = ("move_aside", "refuse")  # What pausejax.ckpt_faults does with one.
 START_TOKENS = ("bos", "sink", "none")  # pausejax.sinks: what every sequence starts with.
 
 
@@ -79,6 +79,22 @@ def defaults() -> ml_collections.ConfigDict:
   c.backspace.rate = 0.0
   c.backspace.noise_from = ""
   c.backspace.max_per_sequence = 0
+  # SequenceMatch's loss (pausejax.sequencematch): after bc_steps of plain MLE, (1 - weight) MLE
+  # + weight * the chi^2-mixture loss over data rows and model_rows rows of the model's own
+  # samples (a replay buffer of buffer_size, renewed every refresh_every_steps; continuations of
+  # up to sample_tokens at temperature, from the data rows' prompts, or their first prompt_len
+  # tokens when pretraining). alpha, gamma: the paper's reported 0.01 and 0.998. weight 0: off.
+  c.sequencematch = ml_collections.ConfigDict()
+  c.sequencematch.weight = 0.0
+  c.sequencematch.bc_steps = 100
+  c.sequencematch.alpha = 0.01
+  c.sequencematch.gamma = 0.998
+  c.sequencematch.model_rows = 8
+  c.sequencematch.buffer_size = 32
+  c.sequencematch.refresh_every_steps = 50
+  c.sequencematch.sample_tokens = 32
+  c.sequencematch.temperature = 1.0
+  c.sequencematch.prompt_len = 16
   c.prefix_lm = False               # Prompt (and its pauses) attend bidirectionally; else causal.
   c.init_from = ""                  # Start from this checkpoint's parameters (fresh optimizer).
   # Schedule.
@@ -144,6 +160,32 @@ def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_sequencematch(c: ml_collections.ConfigDict) -> None:
+  sm = c.get("sequencematch")
+  if not sm:
+    return
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  _check(number(sm.weight) and 0 <= sm.weight <= 1, "sequencematch.weight", sm.weight,
+         "a number in [0, 1] (0: off, plain MLE)")
+  _check(number(sm.gamma) and 0 < sm.gamma <= 1, "sequencematch.gamma", sm.gamma,
+         "a discount in (0, 1]")
+  _check(number(sm.alpha) and sm.alpha > 0, "sequencematch.alpha", sm.alpha, "a number > 0")
+  _check(number(sm.temperature) and sm.temperature >= 0, "sequencematch.temperature",
+         sm.temperature, "a number >= 0 (0: greedy samples)")
+  _check(_is_int(sm.bc_steps) and sm.bc_steps >= 0, "sequencematch.bc_steps", sm.bc_steps,
+         "an integer >= 0")
+  for key in ("model_rows", "buffer_size", "refresh_every_steps", "sample_tokens", "prompt_len"):
+    _check(_is_int(sm[key]) and sm[key] >= 1, f"sequencematch.{key}", sm[key],
+           "a positive integer")
+  if sm.weight:
+    _check(c.microbatches == 1, "microbatches", c.microbatches,
+           "1 with sequencematch.weight > 0 (its step takes the whole batch)")
+    _check(not c.prefix_lm, "prefix_lm", c.prefix_lm,
+           "False with sequencematch.weight > 0 (model rows are causal)")
+    _check(sm.prompt_len < c.seq_len, "sequencematch.prompt_len", sm.prompt_len,
+           f"less than seq_len={c.seq_len}, leaving room for the model's continuation")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises UsageError (one line: setting, bad value, what is valid) for the first bad setting."""
   rate = c.pause.rate
@@ -174,6 +216,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "an existing .npy or text file of token ids (no such file)")
   _check(_is_int(bs.max_per_sequence) and bs.max_per_sequence >= 0, "backspace.max_per_sequence",
          bs.max_per_sequence, "an integer >= 0 (0: decoding never deletes)")
+  _check_sequencematch(c)
   start = c.get("start_token")
   _check(start is None or start in START_TOKENS, "start_token", start,
          "unset (the task's), 'bos', 'sink' or 'none'")

@@ -168,6 +168,29 @@ def to_numpy(batch) -> dict[str, np.ndarray]:
   return {k: v.numpy() for k, v in batch.items()}
 
 
+def sources(run_task: registry.RunTask) -> str:
+  """Where each part of `run_task` is read from: task, split, and its files or TFDS dataset."""
+  out = []
+  for part in run_task.parts:
+    source, where = part.task.source, ""
+    if part.split in getattr(source, "patterns", {}):  # readers.FileSplits: users' files.
+      where = f": {source.patterns[part.split]}"
+    elif getattr(source, "tfds_dataset", None) is not None:
+      tfds = source.tfds_dataset
+      where = f": TFDS {tfds.name}" + (f" in {tfds.data_dir}" if tfds.data_dir else "")
+    out.append(f"task {part.name}, split {part.split}{where}")
+  return "; ".join(out)
+
+
+def read_error(what: str, e: tf.errors.OpError, where: str) -> RunError:
+  """One line for a `tf.data` failure reading the `what` data; `where` (`sources`) is added
+  when the error names no file (a TFRecord cut short, a corrupt gzip stream)."""
+  line = readers.error_line(e)
+  if where and "/" not in line:
+    line += f" (in {where})"
+  return RunError(f"the {what} data cannot be read: {line}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-host input: which shards this process reads, and their batches joined.
 
@@ -226,9 +249,10 @@ class ShardedIterator:
   """
 
   def __init__(self, shard_iterators: dict[int, Any], num_shards: int,
-               digest_path: str | None = None, num_tasks: int = 1):
+               digest_path: str | None = None, num_tasks: int = 1, sources: str = ""):
     self.shard_iterators = dict(sorted(shard_iterators.items()))
     self.num_shards = num_shards
+    self._sources = sources  # Where the data comes from, for errors that name no file.
     self._digest_path = digest_path
     self._draws = 0
     self._task_rows = np.zeros(num_tasks, np.int64)
@@ -245,7 +269,7 @@ class ShardedIterator:
       raise RunError(f"data shard {shard} of {self.num_shards} has no training examples (an "
                      "empty file, or fewer documents than shards)") from None
     except tf.errors.OpError as e:
-      raise RunError(f"the training data cannot be read: {readers.error_line(e)}") from None
+      raise read_error("training", e, self._sources) from None
     if TASK_INDEX in batch:
       self._task_rows += np.bincount(batch.pop(TASK_INDEX), minlength=len(self._task_rows))
     return batch
@@ -277,7 +301,8 @@ def train_iterator(data: Data, config: ml_collections.ConfigDict, shard_plan: Sh
                              batch_size=shard_plan.rows_per_shard))
       for s in shard_plan.shards}
   path = digest_dir and os.path.join(digest_dir, f"process_{jax.process_index()}.jsonl")
-  return ShardedIterator(iterators, shard_plan.num_shards, path, len(data.train.parts))
+  return ShardedIterator(iterators, shard_plan.num_shards, path, len(data.train.parts),
+                         sources(data.train))
 
 
 class EvalBatches:
@@ -296,6 +321,7 @@ class EvalBatches:
                        batch_size=shard_plan.rows_per_shard)
         for s in shard_plan.shards]
     self._rows = shard_plan.rows_per_shard
+    self._sources = sources(data.eval)
     spec = self._datasets[0].element_spec
     self._features = {k: (v.shape[1:], v.dtype.as_numpy_dtype) for k, v in spec.items()
                       if k != TASK_INDEX}
@@ -322,7 +348,7 @@ class EvalBatches:
       try:
         parts = [next(it, None) for it in iterators]
       except tf.errors.OpError as e:
-        raise RunError(f"the eval data cannot be read: {readers.error_line(e)}") from None
+        raise read_error("eval", e, self._sources) from None
       if all(p is None for p in parts):
         return
       yield self._join(parts)

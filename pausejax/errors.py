@@ -2,10 +2,13 @@
 
 Every command-line entry point runs through `run`, so a bad setting anywhere prints one line
 (`error: <setting>=<value> is invalid: <what is valid>`) and exits 2 before anything is written.
+A run that cannot go on (`RunError`), and storage that refuses a write (`STORAGE_ERRNOS`), print
+one line too and exit 1.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -38,6 +41,12 @@ EXIT_STOPPED_EARLY = 75
 
 class RunError(Exception):
   """A run that cannot go on (a diverged loss, a fault): one line, exit code 1, state kept."""
+
+
+# OS errors of storage that refuses a write or read (full, over quota, read-only, denied, I/O):
+# at the top of a command they are one line and exit code 1, not a traceback.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
+                  errno.EROFS, errno.EIO)
 
 
 def check_writable_dir(path: str, setting: str) -> str:
@@ -113,7 +122,13 @@ def run(main: Callable[[list[str]], Any]) -> None:
       sys.exit(EXIT_FAILURE)
     except OSError as e:
       if "config file" not in str(e):  # config_flags reports a bad --config=<file> lazily.
-        raise
+        if e.errno not in STORAGE_ERRNOS:
+          raise
+        # Storage that refuses a write (a full disk, ...): the file and the OS's words suffice.
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"error: {where}{e.strerror} ({errno.errorcode[e.errno]})\n")
+        sys.stderr.flush()
+        sys.exit(EXIT_FAILURE)
       reason = re.findall(r"\[Errno \d+\] [^\n]+", str(e)) or [_one_line(str(e))]
       sys.stderr.write(f"error: --config: cannot load the config file: {reason[-1]}\n")
       sys.exit(EXIT_USAGE)

@@ -363,9 +363,11 @@ def main(argv):
     downstream.resolve_metrics(settings.metrics or r.metric_fns, r.kind, setting="--metrics")
   # Data loaded and every example checked against max_len before the (slow) restore.
   evaluations = [TaskEvaluation(r, vocabulary, settings) for r in recipes]
-  model, step = build.restore_model(config, f.workdir,
-                                    specials.padded_vocab_size(vocabulary.vocab_size),
-                                    vocabulary.pause_id)
+  # The newest checkpoint that can be read, or one line (checkpoint_on_unreadable=refuse).
+  with checkpoint.reading_policy(config.checkpoint_on_unreadable):
+    model, step = build.restore_model(config, f.workdir,
+                                      specials.padded_vocab_size(vocabulary.vocab_size),
+                                      vocabulary.pause_id)
   results = []
   for evaluation in evaluations:
     try:

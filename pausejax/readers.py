@@ -5,6 +5,11 @@ source that reads them line by line inside `tf.data`, sharded by file. Downstrea
 (`downstream.py`, small) are read whole with `jsonl_records`. Either way a bad file reads the
 same: one line naming the file, and for JSON lines the line number (`error_line` recovers it
 from the `tf.data` error of a stream).
+
+A stream's .gz file is checked at both ends: its first bytes must be gzip's (tf.data would say
+only "incorrect header check", naming no file), and when the stream reaches its end the file is
+decompressed once more to its end-of-stream marker, because tf.data reads a file cut short as a
+shorter file, without a word. That costs a second read of every .gz file per pass.
 """
 
 from __future__ import annotations
@@ -74,13 +79,67 @@ def _compression(path: tf.Tensor) -> tf.Tensor:
   return tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def gzip_problem(path: str) -> str | None:
+  """What is wrong with the gzip file `path` (read to its end), or None if it is whole."""
+  try:
+    with tf.io.gfile.GFile(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f:
+      while f.read(1 << 20):
+        pass
+  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError.
+    return f"is cut short or damaged ({e}); a .gz file must be whole (check it with gzip -t)"
+  except tf.errors.OpError as e:
+    return f"cannot be read ({e.message.split('; ')[-1]})"
+  return None
+
+
+def _check_gzip(path: bytes, at_end: bool) -> bytes:
+  """b"" if the .gz file `path` looks right at this end of its stream; else a ValueError."""
+  name = path.decode("utf-8", "replace")
+  if not name.endswith(".gz"):
+    return b""
+  if at_end:
+    problem = gzip_problem(name)
+  else:
+    try:
+      with tf.io.gfile.GFile(name, "rb") as f:
+        head = f.read(len(_GZIP_MAGIC))
+    except tf.errors.OpError as e:  # Gone or unreadable: tf.data would name it the same way.
+      raise ValueError(f"{name}: {e.message.split('; ')[-1]}") from None
+    problem = None if head in (_GZIP_MAGIC, b"") else (
+        f"is not gzip data (it starts with {head!r}); a .gz name needs gzip content")
+  if problem:
+    raise ValueError(f"{name} {problem}")
+  return b""
+
+
+def _gzip_check(path: tf.Tensor, at_end: bool) -> tf.data.Dataset:
+  """One empty line that checks the file at this end of its stream (see the module docstring).
+
+  A pure function of the path (stateful=False): the iterator position stays checkpointable.
+  """
+  return tf.data.Dataset.from_tensors(path).map(lambda p: tf.ensure_shape(tf.numpy_function(
+      functools.partial(_check_gzip, at_end=at_end), [p], tf.string, stateful=False), []))
+
+
+def _lines(path: tf.Tensor) -> tf.data.Dataset:
+  return tf.data.TextLineDataset(path, compression_type=_compression(path))
+
+
 def _jsonl_text(text_key: str):
   """(path, index, line) -> the line's `text_key` field, UTF-8; a bad line raises naming it."""
   def parse(path: bytes, index: int, line: bytes) -> bytes:
-    where = f"{path.decode('utf-8', 'replace')}:{index + 1}"
+    name = path.decode("utf-8", "replace")
+    where = f"{name}:{index + 1}"
     try:
       obj = json.loads(line)
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8.
+      # The last line of a .gz file cut short is half a line: say what is really wrong.
+      problem = gzip_problem(name) if name.endswith(".gz") else None
+      if problem:
+        raise ValueError(f"{name} {problem}") from None
       raise ValueError(f"{where} is not JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(obj, dict) or text_key not in obj:
       got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
@@ -91,7 +150,9 @@ def _jsonl_text(text_key: str):
 
 def _read_jsonl(path: tf.Tensor, text_key: str) -> tf.data.Dataset:
   parse = _jsonl_text(text_key)
-  lines = tf.data.TextLineDataset(path, compression_type=_compression(path)).enumerate()
+  checks = [_gzip_check(path, at_end).map(lambda x: (tf.constant(-1, tf.int64), x))
+            for at_end in (False, True)]
+  lines = checks[0].concatenate(_lines(path).enumerate()).concatenate(checks[1])
   lines = lines.filter(lambda i, line: tf.strings.length(tf.strings.strip(line)) > 0)
   # A pure function of its inputs (stateful=False), so the iterator position stays
   # checkpointable for an exact resume.
@@ -101,8 +162,8 @@ def _read_jsonl(path: tf.Tensor, text_key: str) -> tf.data.Dataset:
 
 def _read_text(path: tf.Tensor, text_key: str) -> tf.data.Dataset:
   """Documents of a text file: runs of lines between blank lines, stripped."""
-  lines = tf.data.TextLineDataset(path, compression_type=_compression(path))
-  lines = lines.concatenate(tf.data.Dataset.from_tensors(tf.constant("")))  # Ends the last one.
+  # The checks are empty lines: the last one ends the last document.
+  lines = _gzip_check(path, False).concatenate(_lines(path)).concatenate(_gzip_check(path, True))
 
   def step(doc, line):
     blank = tf.strings.length(tf.strings.strip(line)) == 0
@@ -155,4 +216,9 @@ class FileSplits(seqio.DataSource):
 def error_line(e: tf.errors.OpError) -> str:
   """The one line that says why a `tf.data` pipeline failed (e.g. a file's bad JSON line)."""
   found = re.search(r"(?:ValueError|UsageError): (.+)", e.message)
-  return found.group(1).strip() if found else e.message.strip().splitlines()[0]
+  if found:
+    return found.group(1).strip()
+  line = e.message.strip().splitlines()[0] if e.message.strip() else type(e).__name__
+  line = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", line)
+  line = re.sub(r"\s*\[Op:[^\]]*\].*$", "", line)
+  return re.sub(r"^(\S+); ", r"\1: ", line)  # "<file>; No such file or directory".

@@ -199,8 +199,9 @@ def empty_replay(buffer_size: int, seq_len: int) -> dict[str, np.ndarray]:
 
 def prompts_from(batch: dict[str, np.ndarray], count: int, prompt_len: int,
                  backspace_id: int) -> list[list[int]]:
-  """`count` prompts from the data rows (cycling): each row's text before its first target with
-  loss (a fine-tuning prompt and its pauses), at least `prompt_len` tokens of it, noise removed."""
+  """`count` prompts from the data rows (cycling): a fine-tuning row's text before its first
+  target with loss (prompt and pauses); a pretraining row's first `prompt_len` tokens, noise
+  removed."""
   from pausejax import backspace  # Here: the train step (and build.py) needs no TensorFlow.
   inputs, targets = batch["decoder_input_tokens"], batch["decoder_target_tokens"]
   weights = batch["decoder_loss_weights"]
@@ -210,8 +211,10 @@ def prompts_from(batch: dict[str, np.ndarray], count: int, prompt_len: int,
     raw = np.concatenate([inputs[row, :1], targets[row, :-1]]).tolist()
     first = int(np.argmax(weights[row] > 0))
     end = raw.index(0, 1) if 0 in raw[1:] else len(raw)  # Padding ends the row.
-    clean = backspace.final_tokens(raw[:end], backspace_id, protected=1)
-    prompts.append(clean[:max(first + 1, prompt_len)])
+    if first > 0:  # A fine-tuning row: its prompt (and pauses), never into the answer.
+      prompts.append(raw[:first + 1])
+    else:
+      prompts.append(backspace.final_tokens(raw[:end], backspace_id, protected=1)[:prompt_len])
   return prompts
 
 

@@ -15,7 +15,9 @@ changes nothing. SIGTERM (preemption) saves a checkpoint at the current step and
 75 (`errors.EXIT_STOPPED_EARLY`: stopped early, re-run to resume; 0 means the run is finished);
 with several hosts, all of them stop at the same step. A NaN/Inf loss or gradient norm stops the
 run with one line (exit 1) before anything non-finite is saved, or with `nonfinite=skip` leaves
-that update out.
+that update out. A checkpoint that cannot be written stops the run at once with one line (exit 1);
+one that cannot be restored is moved aside and the newest one that restores is resumed, loudly
+(`checkpoint_on_unreadable`; see `pausejax.ckpt_faults`).
 
 Outputs in --workdir (local or gs://): config.json, metrics.jsonl, TensorBoard events,
 checkpoints/, loss.png, summary.txt.
@@ -43,6 +45,7 @@ from pausejax import fs
 from pausejax import metrics
 from pausejax import model as model_lib
 from pausejax import registry
+from pausejax import sequencematch
 from pausejax import specials
 from pausejax.errors import EXIT_STOPPED_EARLY
 from pausejax.errors import RunError
@@ -219,17 +222,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   # 5. Checkpoint: refuse a workdir whose checkpoint holds another model, before writing.
   # Fine-tuning (init_from) starts from another run's parameters with a fresh optimizer; once
-  # this workdir has a checkpoint of its own, re-running resumes from that instead.
+  # this workdir has a checkpoint of its own, re-running resumes from that instead: the newest
+  # one that restores (an unreadable newer one is moved aside, or refused).
   init_params = None
   if config.init_from and saved_step is None:
     _check_init_from(config, data.train.start)
-    init_params = checkpoint.load_params(config.init_from, run_.abstract_params_tree)
+    init_params = checkpoint.load_params(config.init_from, run_.abstract_params_tree,
+                                         on_unreadable=config.checkpoint_on_unreadable)
   ckpt = checkpoint.Checkpointer(
       ckpt_dir, keep=config.keep_checkpoints,
       save_every_steps=config.checkpoint_every_steps or config.num_train_steps or 1,
       async_save=config.async_checkpointing)
-  ckpt.check_compatible(run_.abstract_state)
-  start_step = ckpt.latest_step()
+  start_step, state = ckpt.restore_newest(run_.abstract_state, train_iter,
+                                          on_unreadable=config.checkpoint_on_unreadable)
   if start_step is None:
     state = run_.init()
     if init_params is not None:  # Adam's moments start at zero whatever the parameters.
@@ -237,11 +242,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if lead:
         print(f"Initialised parameters from {config.init_from}", flush=True)
     start_step = 0
-  else:
-    state = ckpt.restore(start_step, run_.abstract_state, train_iter)
-    if lead:
-      print(f"Resumed from step {start_step}" + (
-          f" with changed settings: {'; '.join(changed)}" if changed else ""), flush=True)
+  elif lead:
+    print(f"Resumed from step {start_step}" + (
+        f" with changed settings: {'; '.join(changed)}" if changed else ""), flush=True)
   if lead:  # What this run is, for resumes and for generate/evaluate to read back.
     fs.makedirs(workdir)
     resolved = config.copy_and_resolve_references()
@@ -253,7 +256,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   logger.truncate_after(start_step)
   if start_step == 0:
     logger.write_hparams(config_lib.flatten(config))
-  train_step = run_.train_step(skip_nonfinite=config.nonfinite == "skip")
+  train_step = run_.train_step(skip_nonfinite=config.nonfinite == "skip",
+                               eos_id=data.vocabulary.eos_id)
+  # SequenceMatch: the model's own samples, renewed in the train state (None: plain MLE).
+  refresh_samples = sequencematch.refresher(config, run_, data.vocabulary)
   eval_step = run_.eval_step()
 
   model_cfg = run_.model_cfg
@@ -275,8 +281,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   step = start_step
   try:
     while step < config.num_train_steps:
-      batch = _global_batch(next(train_iter), run_.batch_sharding)
+      host_batch = next(train_iter)
+      if refresh_samples:
+        state = refresh_samples(state, host_batch, logger)
+      batch = _global_batch(host_batch, run_.batch_sharding)
       state, step_metrics = train_step(state, batch)
+      ckpt.check_saves()  # A background save that failed stops the run now, not at the next.
       step += 1
       window_steps += 1
       guard.add(step, step_metrics)
@@ -322,9 +332,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         return {"step": step, "preempted": True}
     ckpt.wait_until_finished()
   finally:
-    ckpt.close()  # Finishes a save already under way: it is of a good state.
-    logger.close()
-    preemption.close()
+    try:
+      ckpt.close()  # Finishes a save already under way: it is of a good state.
+    finally:
+      logger.close()
+      preemption.close()
 
   wall = time.time() - t_start
   info = {

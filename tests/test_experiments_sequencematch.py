@@ -23,12 +23,13 @@ def _flat(d, prefix=()):
 
 
 @pytest.mark.parametrize("make", [sm.arith_config, sm.lm_config])
-def test_the_three_models_differ_only_in_their_training_signal(make):
+def test_the_models_differ_only_in_their_training_signal(make):
   configs = {n: _flat(make(n, False, 0, 100, "/tmp/tfds").to_dict()) for n in sm.MODELS}
   base = configs["mle"]
   diff = lambda n: {k[-1] for k, v in configs[n].items() if base.get(k) != v}
   assert diff("mle_noise") == {"rate"}
   assert diff("sequencematch") == {"rate", "weight"}
+  assert diff("sequencematch_a1") == {"rate", "weight", "alpha"}
   assert configs["sequencematch"][("sequencematch", "bc_steps")] == 50
 
 
@@ -86,11 +87,17 @@ def test_quick_mode_end_to_end_and_generate_shows_edits(tmp_path):
   g = subprocess.run([sys.executable, "-m", "pausejax.generate",
                       f"--workdir={out / 'runs' / 'arith' / 'sequencematch'}",
                       "--prompt=403+24=", "--prompt=1-0=", "--max_backspaces=3",
-                      "--temperature=1", "--show_edits", "--max_new_tokens=8"],
+                      "--temperature=1", "--show_edits", "--max_new_tokens=8",
+                      f"--ids_out={tmp_path / 'ids.txt'}"],
                      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert g.returncode == 0, g.stderr[-3000:]
   assert "up to 3 <backspace> per answer" in g.stdout
   assert g.stdout.count("edits:  ") == 2 and g.stdout.count("answer: ") == 2
+  # Its samples can be the noise of a later run (backspace.noise_from).
+  from pausejax import backspace
+  lines = (tmp_path / "ids.txt").read_text().splitlines()
+  assert len(lines) == 2 and all(1 <= len(l.split()) <= 8 for l in lines)
+  assert backspace.noise_weights(str(tmp_path / "ids.txt"), 8000).sum() >= 1
 
 
 @pytest.mark.slow

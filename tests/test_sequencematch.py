@@ -108,8 +108,8 @@ def test_prompts_come_from_the_data_rows_without_noise():
   weights = np.array([[0, 0, 0, 1, 1, 1, 0, 0]])
   got = sequencematch.prompts_from({"decoder_input_tokens": inputs,
                                     "decoder_target_tokens": np.array([[7, 8, 9, 4, 5, 1, 0, 0]]),
-                                    "decoder_loss_weights": weights}, 1, 1, BS)
-  assert got == [[0, 7, 8, 9]]
+                                    "decoder_loss_weights": weights}, 1, 6, BS)
+  assert got == [[0, 7, 8, 9]]  # prompt_len (6) does not reach into the answer.
 
 
 def _sm_config(tfds_dir, **overrides):

@@ -3,13 +3,15 @@ r"""The SequenceMatch experiment: does training with `<backspace>` help a small 
     python -m pausejax.experiments.sequencematch --outdir=runs/sequencematch [--quick] \
         [--steps=N] [--seed=0]
 
-Three models per part (2 layers x 128), trained from the same initialisation (the same seed,
+Four models per part (2 layers x 128), trained from the same initialisation (the same seed,
 data order and steps); only the training signal differs:
 
   mle            plain maximum likelihood
   mle_noise      the same data with noise + `<backspace>` inserted (`backspace.rate`), MLE on it
   sequencematch  the noisy data, MLE for the first half of the steps, then (1 - w) MLE +
-                 w L_χ² over data rows and the model's own samples (`pausejax.sequencematch`)
+                 w L_χ² over data rows and the model's own samples (`pausejax.sequencematch`),
+                 w = 0.5, with the reported α = 0.01, γ = 0.998
+  sequencematch_a1  the same with α = 1: 1/(4α) E[r²] weighs the regulariser 100 times less
 
 Arithmetic (`arith_base7`: add or subtract in base 7, 1-3 digit operands, 4,000 training and 300
 held-out problems, embedded): exact match on the held-out problems, greedy and sampled
@@ -67,6 +69,9 @@ MODELS = {
                   f"(rate {NOISE_RATE})"),
     "sequencematch": ({"backspace.rate": NOISE_RATE, "sequencematch.weight": 0.5},
                       "the noisy data, MLE then 0.5 MLE + 0.5 chi^2 with model samples"),
+    "sequencematch_a1": ({"backspace.rate": NOISE_RATE, "sequencematch.weight": 0.5,
+                          "sequencematch.alpha": 1.0}, "the same with alpha = 1 (a weaker "
+                         "chi^2 regulariser than the reported 0.01)"),
 }
 
 
