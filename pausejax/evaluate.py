@@ -12,7 +12,10 @@ task's evaluation view (`pausejax.downstream`) and runs `seqio.Evaluator` with:
   generative tasks       greedy pause-aware decoding (`pausejax.decode.generate`): the prompt is
                          BOS + inputs + M_inf `<pause>`s, the answer is what follows the last
                          pause, up to EOS or `--max_new_tokens` (with the config's
-                         `prefix_lm`, BOS + inputs + pauses attend to each other both ways);
+                         `prefix_lm`, BOS + inputs + pauses attend to each other both ways;
+                         with `--max_backspaces`, default the run's
+                         `backspace.max_per_sequence`, it may delete its own tokens, and the
+                         answer is the text after the deletions);
   multiple choice        each option scored by its log-likelihood after BOS + inputs + pauses;
   last word (LAMBADA)    whether every token of the last word is the greedy choice.
 
@@ -71,7 +74,9 @@ class Settings:
   prefix_lm: bool = False          # Fine-tuned with a bidirectional prefix (config.prefix_lm).
   max_len: int = 256               # Positions per row: start + inputs + pauses + answer.
   start_token: str = "bos"         # What every sequence starts with (pausejax.sinks).
-  max_new_tokens: int = 0          # Generation budget (0: the longest target, EOS included).
+  max_new_tokens: int = 0          # Generation budget (0: the longest target, EOS included,
+                                   # + 2 moves per allowed <backspace>).
+  max_backspaces: int = 0          # <backspace> moves per answer (backspace.max_per_sequence).
   max_examples: int = 0            # First N examples of the split (0: all).
   batch_size: int = 16
   metrics: tuple[str, ...] = ()    # Metric names (empty: the task's).
@@ -86,6 +91,8 @@ class Settings:
       raise UsageError.setting("start_token", self.start_token, "'bos', 'sink' or 'none'")
     if self.pause_position not in POSITIONS:
       raise UsageError.setting("pause.position", self.pause_position, " or ".join(POSITIONS))
+    if not is_int(self.max_backspaces) or self.max_backspaces < 0:
+      raise UsageError.setting("max_backspaces", self.max_backspaces, "an integer >= 0")
     for name in ("max_new_tokens", "max_examples"):
       if not is_int(getattr(self, name)) or getattr(self, name) < 0:
         raise UsageError.setting(name, getattr(self, name), "an integer >= 0 (0 = automatic)")
@@ -100,7 +107,8 @@ class Settings:
                   pause_position=pause_cfg.get("position", "append"),
                   prefix_lm=bool(config.get("prefix_lm", False)),
                   max_len=config.seq_len, tfds_data_dir=config.tfds_data_dir or None,
-                  start_token=registry.start_token(config))
+                  start_token=registry.start_token(config),
+                  max_backspaces=(config.get("backspace") or {}).get("max_per_sequence", 0))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
@@ -181,7 +189,9 @@ class TaskEvaluation:
     if not self.examples:
       raise UsageError.setting("eval_task", recipe.name,
                                f"a task with examples in its {recipe.eval_split!r} split")
-    self.max_new_tokens = settings.max_new_tokens or max(len(e.targets) for e in self.examples)
+    # A deletion costs two moves: the token and its <backspace>.
+    self.max_new_tokens = settings.max_new_tokens or (
+        max(len(e.targets) for e in self.examples) + 2 * settings.max_backspaces)
     self._check_lengths()
     self._predictions: dict[int, list[int]] = {}
 
@@ -224,7 +234,9 @@ class TaskEvaluation:
           num_pauses=s.num_pauses if append else 0, pause_id=self.vocabulary.pause_id,
           eos_id=self.vocabulary.eos_id, max_len=s.max_len,
           vocab_size=self.vocabulary.vocab_size, prefix_lm=s.prefix_lm,
-          bos_id=self._start[0] if self._start else None)
+          bos_id=self._start[0] if self._start else None,
+          **(dict(backspace_id=self.vocabulary.backspace_id, max_backspaces=s.max_backspaces)
+             if s.max_backspaces else {}))
       for e, tokens in zip(batch, gen.tokens):
         self._predictions[e.index] = tokens
         out.append((e.index, tokens + [0] * (self.max_new_tokens - len(tokens))))
@@ -311,6 +323,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_len", 0, "Positions per row: BOS + prompt + pauses + answer "
                        "(0 = config.seq_len).")
   flags.DEFINE_integer("max_new_tokens", 0, "Generation budget (0 = the longest target).")
+  flags.DEFINE_integer("max_backspaces", None, "<backspace> moves allowed per generated answer "
+                       "(default: the run's backspace.max_per_sequence; 0 = never).")
   flags.DEFINE_integer("batch_size", 16, "Examples per model call.")
   flags.DEFINE_list("metrics", [], "Metric names to compute instead of the task's "
                     "(see pausejax.eval_metrics.METRICS).")
@@ -357,6 +371,7 @@ def main(argv):
   settings = Settings.from_config(
       config, num_pauses=f.num_pauses, pause_position=f.pause_position, prefix_lm=f.prefix_lm,
       max_len=f.max_len or None, max_new_tokens=f.max_new_tokens, max_examples=f.max_examples,
+      max_backspaces=f.max_backspaces,
       batch_size=f.batch_size, metrics=tuple(f.metrics))
   settings.validate()
   for r in recipes:  # Every name checked before any data is read.

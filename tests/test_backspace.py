@@ -199,3 +199,24 @@ def test_backspace_decoding_bad_settings():
   with pytest.raises(UsageError, match="max_backspaces.*streaming"):
     decode.generate(model, [[0, 5]], backspace_id=BS, max_backspaces=2, window=8,
                     **{**kwargs, "max_len": None})
+
+
+def test_evaluate_decodes_with_the_runs_backspaces(tfds_dir):
+  from pausejax import corpus
+  from pausejax import evaluate
+  from pausejax import specials
+  config = tiny_config(tfds_dir, **{"backspace.max_per_sequence": 3, "task": "arith_base7"})
+  assert evaluate.Settings.from_config(config).max_backspaces == 3
+  vocabulary = specials.load_vocabulary(corpus.DEFAULT_VOCAB_PATH)
+  cfg = model_lib.ModelConfig(vocab_size=specials.padded_vocab_size(vocabulary.vocab_size),
+                              num_layers=1, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
+                              tied_embeddings=True)
+  model = model_lib.Decoder(cfg, rngs=nnx.Rngs(0))
+  plain = evaluate.evaluate(model, "arith_base7", vocabulary, max_examples=4, max_len=48,
+                            batch_size=4)
+  edits = evaluate.evaluate(model, "arith_base7", vocabulary, max_examples=4, max_len=48,
+                            batch_size=4, max_backspaces=3)
+  # Two more moves per allowed deletion: the budget grows by 6.
+  assert edits["max_new_tokens"] == plain["max_new_tokens"] + 6
+  with pytest.raises(UsageError, match="max_backspaces"):
+    evaluate.Settings(max_backspaces=-1).validate()
