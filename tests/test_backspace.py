@@ -220,3 +220,16 @@ def test_evaluate_decodes_with_the_runs_backspaces(tfds_dir):
   assert edits["max_new_tokens"] == plain["max_new_tokens"] + 6
   with pytest.raises(UsageError, match="max_backspaces"):
     evaluate.Settings(max_backspaces=-1).validate()
+
+
+@pytest.mark.slow
+def test_inspect_data_shows_the_edits(tfds_dir):
+  import subprocess
+  import sys
+  from conftest import REPO
+  r = subprocess.run([sys.executable, "-m", "pausejax.inspect_data", "--config=configs/tiny.py",
+                      f"--config.tfds_data_dir={tfds_dir}", "--config.backspace.rate=0.2",
+                      "--num_examples=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "backspace rate 0.2" in r.stdout and "noise + <backspace>" in r.stdout
+  assert r.stdout.count("<backspace>") > 5

@@ -55,7 +55,8 @@ def test_perplexity_of_a_model_that_knows_the_answer_is_one():
 
 def test_markdown_has_a_row_per_model_in_both_tables():
   arith = {"greedy": {"exact_match": 12.5}, "sampled": {"exact_match": 10.0,
-           "backspace_rate": 0.01, "moves_per_answer": 4.5}}
+           "backspace_rate": 0.01, "moves_per_answer": 4.5},
+           "terminal": {"eos_logit": 3.25, "max_logit": 4.5, "p_eos": 0.5}}
   lm = {"distinct_1": 0.5, "distinct_2": 0.8, "distinct_3": 0.9, "repetition_4": 0.01,
         "reference_ppl": 123.4, "backspace_rate": 0.002, "tokens_per_continuation": 47.0}
   results = {"arith": {n: arith for n in sm.MODELS}, "lm": {n: lm for n in sm.MODELS},
@@ -65,7 +66,7 @@ def test_markdown_has_a_row_per_model_in_both_tables():
                           "lm_steps": 800, "reference_steps": 1000}}
   md = sm._markdown(results)
   assert md.count("| mle |") == 2 and md.count("| sequencematch |") == 2
-  assert "| mle | 12.5% | 10.0% | 1.00% | 4.50 |" in md and "| 123.4 |" in md and "99.0" in md
+  assert "| mle | 12.5% | 10.0% | 1.00% | 4.50 | 3.25 (max 4.50) | 0.500 |" in md and "| 123.4 |" in md and "99.0" in md
 
 
 @pytest.mark.slow

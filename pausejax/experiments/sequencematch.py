@@ -150,6 +150,23 @@ def arith_scores(workdir: str, config, problems, temperature: float, seed: int):
                        for (p, w), a in list(zip(problems, answers))[:5]]}
 
 
+def terminal_logits(workdir: str, config, problems) -> dict[str, float]:
+  """Teacher-forced on BOS + problem + answer: at the row that should emit EOS, the EOS logit
+  (Q(s_T, EOS): the χ² regulariser pulls it towards 0), the largest logit and p(EOS)."""
+  import jax
+  import jax.numpy as jnp
+  vocabulary, model = _model(workdir, config)
+  rows = [[0] + list(vocabulary.encode(p)) + list(vocabulary.encode(a)) for p, a in problems]
+  length = max(map(len, rows))
+  tokens = jnp.asarray([r + [0] * (length - len(r)) for r in rows])
+  logits_BxLxV = model(tokens)
+  last_B = jnp.asarray([len(r) - 1 for r in rows])
+  final_BxV = logits_BxLxV[jnp.arange(len(rows)), last_B][:, :vocabulary.vocab_size]
+  eos_B = final_BxV[:, vocabulary.eos_id]
+  return {"eos_logit": float(jnp.mean(eos_B)), "max_logit": float(jnp.mean(final_BxV.max(-1))),
+          "p_eos": float(jnp.mean(jax.nn.softmax(final_BxV, -1)[:, vocabulary.eos_id]))}
+
+
 def distinct_n(samples: list[list[int]], n: int) -> float:
   grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
   return len(set(grams)) / max(len(grams), 1)
@@ -210,11 +227,13 @@ def _markdown(results: dict[str, Any]) -> str:
            f"steps per model, seed {s['seed']}); `<backspace>` allowed up to {MAX_BACKSPACES} "
            "times per answer for every model.", "",
            "| model | exact match greedy | exact match T=1 | <backspace> share (T=1) | "
-           "moves per answer (T=1) |", "|---|---:|---:|---:|---:|"]
+           "moves per answer (T=1) | EOS logit at the end | p(EOS) there |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for name, r in results["arith"].items():
-    g, t = r["greedy"], r["sampled"]
+    g, t, e = r["greedy"], r["sampled"], r["terminal"]
     lines.append(f"| {name} | {g['exact_match']:.1f}% | {t['exact_match']:.1f}% | "
-                 f"{100 * t['backspace_rate']:.2f}% | {t['moves_per_answer']:.2f} |")
+                 f"{100 * t['backspace_rate']:.2f}% | {t['moves_per_answer']:.2f} | "
+                 f"{e['eos_logit']:.2f} (max {e['max_logit']:.2f}) | {e['p_eos']:.3f} |")
   lm = results["lm"]
   lines += ["", f"Shakespeare continuations ({s['continuations']} held-out prompts of "
             f"{s['prompt_tokens']} tokens, {s['continuation_tokens']} moves at T=1, "
@@ -302,7 +321,8 @@ def main(argv):
   for name, c in arith.items():
     workdir = os.path.join(runs, "arith", name)
     results["arith"][name] = {"greedy": arith_scores(workdir, c, problems, 0.0, f.seed),
-                              "sampled": arith_scores(workdir, c, problems, 1.0, f.seed)}
+                              "sampled": arith_scores(workdir, c, problems, 1.0, f.seed),
+                              "terminal": terminal_logits(workdir, c, problems)}
   _, ref_model = _model(os.path.join(runs, "lm", "reference"), reference)
   vocabulary, _ = _model(os.path.join(runs, "lm", "mle"), lm["mle"])
   from pausejax import stream_ppl
