@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# The fast set runs on this many pytest-xdist workers (one per core here); a file's tests stay
+# on one worker, so module fixtures (trained runs) are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all test-slow bench clean venv
 
@@ -23,7 +26,7 @@ demo: venv
 
 # Fast set by default; `make test-all` adds the slow tests.
 test: venv
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow $(PYTEST_ARGS)

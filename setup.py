@@ -29,7 +29,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # make test runs the fast set on 2 workers.
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

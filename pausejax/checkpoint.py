@@ -544,11 +544,17 @@ def load_params_and_step(path: str, abstract_params: Any, *, setting: str = "ini
 def _read_params(step_dir: epath.Path, path: str, abstract_params: Any,
                  setting: str) -> tuple[Any, int | None]:
   checkpointer = ocp.PyTreeCheckpointer()
+  # A step directory written by this package's manager has no per-item metadata file, and Orbax
+  # warns about it on every parameters-only read: a line readers cannot act on.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
   try:
     stored = checkpointer.metadata(step_dir / STATE).item_metadata
   except Exception as e:
     raise ckpt_faults.Unreadable(
         f"its metadata in {STATE}/ cannot be read ({ckpt_faults.reason(e)})") from e
+  finally:
+    logging.set_verbosity(verbosity)
   if stored is None:
     raise ckpt_faults.Unreadable(f"its metadata ({STATE}/_METADATA) is missing")
   stored = stored.tree
@@ -564,8 +570,6 @@ def _read_params(step_dir: epath.Path, path: str, abstract_params: Any,
           setting, path, f"a checkpoint of this config's model: params.{name} is {got} there"
           f" but {need} here (check model.* and vocab_path)")
   item = {"params": abstract_params}
-  # A step directory written by this package's manager has no per-item metadata file, and Orbax
-  # warns about it on every parameters-only read: a line readers cannot act on.
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
   try:
