@@ -254,20 +254,20 @@ def _plot(results: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   names = list(results["arith"])
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.5))
   x = np.arange(len(names))
   a.bar(x - 0.2, [results["arith"][n]["greedy"]["exact_match"] for n in names], 0.4,
         label="greedy")
   a.bar(x + 0.2, [results["arith"][n]["sampled"]["exact_match"] for n in names], 0.4,
         label="T=1")
-  a.set_xticks(x, names)
+  a.set_xticks(x, names, rotation=20, ha="right")
   a.set_ylabel("exact match (%)")
   a.set_title(f"{ARITH_TASK}: held-out exact match")
   a.legend()
   b.bar(x, [results["lm"][n]["reference_ppl"] for n in names])
   b.axhline(results["reference_ppl_of_held_out"], color="k", linestyle=":",
             label="held-out text")
-  b.set_xticks(x, names)
+  b.set_xticks(x, names, rotation=20, ha="right")
   b.set_ylabel("perplexity under the reference model")
   b.set_title("Shakespeare continuations (T=1)")
   b.legend()
