@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
-# The fast set runs on this many pytest-xdist workers (one per core here); a file's tests stay
+# Both sets run on this many pytest-xdist workers (one per core here); a file's tests stay
 # on one worker, so module fixtures (trained runs) are built once.
 TEST_WORKERS ?= 2
 
@@ -29,7 +29,7 @@ test: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: venv
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
