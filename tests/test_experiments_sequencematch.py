@@ -83,7 +83,9 @@ def test_quick_mode_end_to_end_and_generate_shows_edits(tmp_path):
   # The SequenceMatch run logged its model samples and the chi^2 share.
   rows = [json.loads(l) for l in open(out / "runs" / "arith" / "sequencematch" / "metrics.jsonl")]
   assert any("sample_backspace_rate" in r for r in rows)
-  assert {r["chi2_weight"] for r in rows if "chi2_weight" in r} == {0.0, 0.5}
+  weights = {r["step"]: r["chi2_weight"] for r in rows if "chi2_weight" in r}
+  bc_steps = sm.arith_config("sequencematch", True, 0, 6, "").sequencematch.bc_steps
+  assert weights and all(w == (0.0 if s <= bc_steps else 0.5) for s, w in weights.items())
   # generate on that run: up to 3 deletions, sampled, the edit trace shown.
   g = subprocess.run([sys.executable, "-m", "pausejax.generate",
                       f"--workdir={out / 'runs' / 'arith' / 'sequencematch'}",
