@@ -56,6 +56,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from pausejax import pause
+
 FIRST_NOISE_ID = 3  # Ids 0, 1, 2: padding, EOS, unknown (pausejax's SentencePiece models).
 FOREVER, NOBODY = 0, -1  # Lifetimes: never deleted; seen by no row.
 
@@ -211,14 +213,10 @@ def insert_backspaces_preprocessor(
   @seqio.map_over_dataset(num_seeds=1)
   def insert(features, seed):
     features = dict(features)
-    seed = tf.cast(tf.stack(seed) if isinstance(seed, (tuple, list)) else seed, tf.int64)
     tokens = features[key]
-    # As for pauses: mix in the content so the i-th examples of different shards differ.
-    mix = tf.reduce_sum(tf.cast(tokens, tf.int64) * (tf.range(
-        1, tf.size(tokens, out_type=tf.int64) + 1) * 2654435761))
-    seed = tf.stack([seed[0], tf.bitwise.bitwise_xor(seed[1], mix)])
     features[key] = insert_backspaces(tokens, rate=rate, backspace_id=backspace_id,
-                                      vocab_size=vocab_size, seed=seed, length=length,
+                                      vocab_size=vocab_size,
+                                      seed=pause.example_seed(seed, tokens), length=length,
                                       weights_V=weights_V)
     return features
 

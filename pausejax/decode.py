@@ -353,8 +353,7 @@ def _run(loop, model, prompts, *, max_new_tokens, num_pauses, pause_id, eos_id, 
   for row in np.asarray(out_BxN).tolist():
     raw = row[:row.index(_NOT_GENERATED)] if _NOT_GENERATED in row else row
     final = raw if backspace_id is None else backspace.final_tokens(raw, backspace_id)
-    deletions.append(len(raw) - len(final) if backspace_id is None else
-                     sum(t == backspace_id for t in raw))
+    deletions.append(raw.count(backspace_id))
     tokens.append([t for t in final if t != pause_id and t != eos])
     raw_tokens.append(raw)
     stopped.append(bool(raw) and raw[-1] == eos)

@@ -59,6 +59,19 @@ def insert_pauses(tokens_L: tf.Tensor, *, count: int | tf.Tensor, pause_id: int,
   return out[:length] if trim else out
 
 
+def example_seed(seed, tokens_N: tf.Tensor) -> tf.Tensor:
+  """An example's stateless seed (int64 [2]) from seqio's per-example seed and its tokens.
+
+  seqio's seed stream depends on the example's index only, and every data shard uses the same
+  task seed (data.py); mixing in the content gives the i-th examples of different shards
+  different draws, and is still a pure function of the data and seed.
+  """
+  seed = tf.cast(tf.stack(seed) if isinstance(seed, (tuple, list)) else seed, tf.int64)
+  tokens = tf.cast(tokens_N, tf.int64)
+  weights = tf.range(1, tf.size(tokens, out_type=tf.int64) + 1) * 2654435761
+  return tf.stack([seed[0], tf.bitwise.bitwise_xor(seed[1], tf.reduce_sum(tokens * weights))])
+
+
 def _pause_id(output_features: Mapping[str, seqio.Feature], key: str) -> int:
   vocab = output_features[key].vocabulary
   if not hasattr(vocab, "pause_id"):
@@ -95,17 +108,11 @@ def insert_pauses_preprocessor(
   @seqio.map_over_dataset(num_seeds=1)
   def insert(features, seed):
     features = dict(features)
-    seed = tf.cast(tf.stack(seed) if isinstance(seed, (tuple, list)) else seed, tf.int64)
     tokens_N = features[key] if length is None else features[key][:length]
     size = tf.size(tokens_N)
     # num_pauses(rate, n) in TF: the same float64 product and rounding as the Python function.
     count = tf.cast(tf.floor(rate * tf.cast(size, tf.float64) + 0.5), tf.int32)
-    # seqio's seed stream depends on the example's index only, and every data shard uses the
-    # same task seed (data.py); mixing in the chunk's content gives different pause positions to
-    # the i-th chunks of different shards, and is still a pure function of the data and seed.
-    tokens = tf.cast(tokens_N, tf.int64)
-    weights = tf.range(1, tf.size(tokens, out_type=tf.int64) + 1) * 2654435761
-    seed = tf.stack([seed[0], tf.bitwise.bitwise_xor(seed[1], tf.reduce_sum(tokens * weights))])
+    seed = example_seed(seed, tokens_N)
     # A leading <sink> (pausejax.sinks) stays at position 0: pauses go into the rest.
     keep = 0
     if sink_id is not None:
