@@ -97,13 +97,38 @@ class RunTask:
 
 
 def import_task_modules(config: ml_collections.ConfigDict) -> None:
-  """Imports `config.task_modules` (comma-separated), which register users' tasks."""
+  """Imports `config.task_modules` (comma-separated), which register users' tasks: module
+  names, or paths of .py files (e.g. the `tasks.py` a `pausejax.humpback` run writes)."""
   for name in filter(None, (m.strip() for m in config.get("task_modules", "").split(","))):
     try:
-      importlib.import_module(name)
-    except ImportError as e:
+      if name.endswith(".py"):
+        _import_file(name)
+      else:
+        importlib.import_module(name)
+    except (ImportError, FileNotFoundError) as e:
       raise UsageError.setting("task_modules", config.task_modules,
-                               f"importable Python modules ({name}: {e})") from None
+                               f"importable Python modules or .py files ({name}: {e})") from None
+
+
+def _import_file(path: str) -> None:
+  """Runs a .py file once per process, as module `pausejax_tasks_<hash of its real path>`."""
+  import hashlib
+  import importlib.util
+  import sys
+  real = os.path.realpath(path)
+  name = "pausejax_tasks_" + hashlib.sha1(real.encode()).hexdigest()[:12]
+  if name in sys.modules:
+    return
+  if not os.path.isfile(real):
+    raise FileNotFoundError(f"no such file: {path}")
+  spec = importlib.util.spec_from_file_location(name, real)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
 
 
 def lookup(name: str, setting: str = "task") -> seqio.Task | seqio.Mixture:
