@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # on one worker, so module fixtures (trained runs) are built once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-all test-slow bench clean venv
+.PHONY: demo test test-all test-slow test-hf bench clean venv
 
 venv: $(VENV)/.installed
 
@@ -26,10 +26,18 @@ demo: venv
 
 # Fast set by default; `make test-all` adds the slow tests.
 test: venv
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow and not hf" -n $(TEST_WORKERS) --dist loadfile \
+	    $(PYTEST_ARGS)
 
 test-slow: venv
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "slow and not hf" -n $(TEST_WORKERS) --dist loadfile \
+	    $(PYTEST_ARGS)
+
+# transformers loads `pausejax.export`'s output (marker hf). torch (the CPU build) and
+# transformers, about 1 GB, go into the venv here only; constraints.txt pins them and their deps.
+test-hf: venv
+	$(PIP_INSTALL) torch==2.13.0 transformers==5.18.0
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m hf $(PYTEST_ARGS) tests/test_export_hf.py
 
 test-all: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -27,6 +27,7 @@ setup(
         "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it.
         "tensorboard>=2.21,<2.22",  # clu's TensorBoard writer needs it.
         "numpy>=1.26",
+        "safetensors>=0.4,<1",  # pausejax.export writes Hugging Face's weight files.
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],  # make test runs the fast set on 2 workers.

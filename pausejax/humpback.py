@@ -56,11 +56,16 @@ from pausejax import fs
 from pausejax import humpback_data as hd
 from pausejax import humpback_world as world_lib
 from pausejax import metrics
+from pausejax.errors import EXIT_STOPPED_EARLY
 from pausejax.errors import UsageError
 from pausejax.errors import check_writable_dir
 from pausejax.errors import run
 
 SETTINGS_FILE, REPORT_FILE, DONE_FILE = "humpback.json", "report.json", "stage.json"
+
+
+class StoppedEarly(Exception):
+  """A training stage stopped on SIGTERM with its checkpoint saved."""
 METHODS = ("generate", "likelihood")
 
 
@@ -158,10 +163,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "an integer >= 1")
   need(bool(c.seed_file) == bool(c.text_file), "seed_file" if c.text_file else "text_file",
        "set both seed_file and text_file, or neither (the embedded world)")
-  for key in ("seed_file", "text_file"):
-    if _get(c, key):
-      from pausejax import readers
-      readers.paths(_get(c, key))  # One line naming a missing file.
+  if c.seed_file:  # Read once here, so a bad line stops the run before anything is written.
+    hd.read_pairs(c.seed_file)
+    hd.read_segments(c.text_file)
   if c.base:
     need(config_lib.load_saved(c.base) is not None, "base",
          "a pausejax run directory with config.json and checkpoints/")
@@ -310,8 +314,8 @@ class Pipeline:
     config.async_checkpointing = False
     config.log_every_steps = max(1, min(10, steps))
     info = train.train_and_evaluate(config, self.dir(stage))
-    if info.get("preempted"):
-      raise KeyboardInterrupt  # Stopped on SIGTERM: the stage resumes on the next run.
+    if info.get("preempted"):  # SIGTERM: the checkpoint is saved; a re-run resumes the stage.
+      raise StoppedEarly(stage)
     final = info.get("final_eval") or {}
     return {"steps": steps, "task": config.task, "eval_loss": final.get("eval_loss"),
             "train_loss": info.get("train_loss")}
@@ -536,10 +540,14 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   fs.write_text(os.path.join(workdir, SETTINGS_FILE), c.to_json_best_effort(indent=2) + "\n")
   t0 = time.time()
-  report = Pipeline(c, workdir).run()
+  try:
+    Pipeline(c, workdir).run()
+  except StoppedEarly as e:
+    print(f"humpback: stopped in stage {e} on SIGTERM, its checkpoint saved; re-run the same "
+          "command to resume", flush=True)
+    return EXIT_STOPPED_EARLY
   print(f"humpback: finished in {metrics.format_duration(time.time() - t0)}; report "
         f"{os.path.join(workdir, REPORT_FILE)}", flush=True)
-  del report
   return 0
 
 

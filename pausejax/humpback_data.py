@@ -124,8 +124,8 @@ def read_segments(path: str) -> list[str]:
         raise UsageError(f"{where} needs a string field \"text\"")
       texts.append(obj["text"].strip())
   else:
-    readers.paths(path)  # One clear line for a missing file.
-    texts = [p.strip() for p in re.split(r"\n\s*\n", readers.read_text(path))]
+    texts = [p.strip() for f in readers.paths(path)
+             for p in re.split(r"\n\s*\n", readers.read_text(f))]
   texts = [t for t in texts if t]
   if not texts:
     raise UsageError(f"no text segments in {path}")
@@ -135,6 +135,7 @@ def read_segments(path: str) -> list[str]:
 def write_jsonl(path: str, records: Iterable[Any]) -> int:
   """Writes JSON lines whole or not at all (a temporary file renamed); returns the count."""
   lines = [json.dumps(r, ensure_ascii=False) for r in records]
+  fs.makedirs(os.path.dirname(path) or ".")
   fs.write_text(path, "".join(line + "\n" for line in lines))
   return len(lines)
 
@@ -180,7 +181,7 @@ class SegmentFilter:
         counts["too_long"] += 1
       elif repeated_fraction(text) > self.max_repeated_fraction:
         counts["repetitive"] += 1
-      elif self.dedup and (key := _normalise(text)) in seen:
+      elif self.dedup and _normalise(text) in seen:
         counts["duplicate"] += 1
       elif self.near_dup_jaccard < 1 and near.seen(text):
         counts["near_duplicate"] += 1
@@ -332,6 +333,7 @@ def register_run(workdir: str) -> list[str]:
 
   humpback_seed       forward seed pairs (train; validation: the held-out seed pairs)
   humpback_backward   the same pairs, output -> instruction
+  humpback_candidates every augmented pair, before curation (tagged as web data)
   humpback_curatedK   the pairs curation round K kept (tagged as web data)
   humpback_mixK       seed + curatedK, a Mixture in proportion to their sizes
   """
@@ -344,6 +346,11 @@ def register_run(workdir: str) -> list[str]:
   register_pairs_task("humpback_seed", files, vocab_path=vocab, tag=settings["seed_tag"])
   register_pairs_task("humpback_backward", files, vocab_path=vocab, view=BACKWARD)
   names = ["humpback_seed", "humpback_backward"]
+  candidates = os.path.join(workdir, "augment", "candidates.jsonl")
+  if os.path.exists(candidates) and read_jsonl(candidates):
+    register_pairs_task("humpback_candidates", {"train": candidates}, vocab_path=vocab,
+                        tag=settings["web_tag"])
+    names.append("humpback_candidates")
   num_seed = len(read_jsonl(files["train"]))
   k = 1
   while os.path.exists(path := os.path.join(workdir, f"curate{k}", "curated.jsonl")):
