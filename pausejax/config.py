@@ -45,7 +45,7 @@ def defaults() -> ml_collections.ConfigDict:
   # Data.
   c.task = "shakespeare_pause"      # Any registered seqio Task or Mixture (pausejax.registry).
   c.eval_task = ""                  # Its "validation" split is scored ("" = same as `task`).
-  c.task_modules = ""               # Modules that register your tasks, comma-separated.
+  c.task_modules = ""               # Modules or .py files registering your tasks, comma-separated.
   c.tfds_data_dir = ""              # Where TFDS datasets live ("" = where each task says).
   # The task's SentencePiece model ("" = the task's own). pausejax's downstream tasks take this
   # one (default: the embedded Shakespeare 8k model); any other task must match it.
@@ -112,6 +112,20 @@ def defaults() -> ml_collections.ConfigDict:
   # restores, loudly; "refuse" stops with one line. Readers (init_from, generate, evaluate) move
   # nothing: they read the newest that restores, or refuse.
   c.checkpoint_on_unreadable = "move_aside"
+  # Downstream evaluation during training (pausejax.downstream_eval, T5X-style): the registered
+  # downstream tasks named here (comma-separated; "" = none) are decoded or scored on the live
+  # parameters with the run's M_inf = pause.num_finetune, pause.position, prefix_lm and
+  # backspace.max_per_sequence, every downstream_eval_every_steps (0 = at the last step only),
+  # on the first downstream_eval_max_examples examples of each (0 = all). One process only.
+  c.eval_tasks = ""
+  c.downstream_eval_every_steps = 0
+  c.downstream_eval_max_examples = 100
+  # Profiling (pausejax.profiling): a jax.profiler trace of steps start_step ...
+  # start_step + num_steps - 1 into <workdir>/profile/ (TensorBoard's profile plugin; the
+  # .trace.json.gz opens in Perfetto), written by the lead process. num_steps 0 = no trace.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 2          # After the first step, which compiles.
+  c.profile.num_steps = 0
   c.seed = 0
   # A NaN/Inf loss or gradient norm: "stop" ends the run at that step (exit 1, nothing saved
   # after the last good checkpoint); "skip" leaves that step's update out and goes on, loudly.
@@ -280,6 +294,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.get("checkpoint_on_unreadable", "move_aside") in UNREADABLE_CHOICES,
          "checkpoint_on_unreadable", c.get("checkpoint_on_unreadable"),
          "'move_aside' (resume from the newest checkpoint that restores) or 'refuse'")
+  _check_downstream_and_profile(c)
+
+
+def _check_downstream_and_profile(c: ml_collections.ConfigDict) -> None:
+  # Task names are checked against the registry when the data is prepared (task_modules first).
+  _check(isinstance(c.get("eval_tasks", ""), str), "eval_tasks", c.get("eval_tasks"),
+         "downstream task names separated by commas, or '' for none")
+  for key, zero in (("downstream_eval_every_steps", "at the last step only"),
+                    ("downstream_eval_max_examples", "every example of the split")):
+    value = c.get(key, 0)
+    _check(_is_int(value) and value >= 0, key, value, f"a non-negative integer (0: {zero})")
+  p = c.get("profile") or ml_collections.ConfigDict({"start_step": 1, "num_steps": 0})
+  _check(_is_int(p.num_steps) and p.num_steps >= 0, "profile.num_steps", p.num_steps,
+         "a non-negative integer: steps to trace (0: no trace)")
+  _check(_is_int(p.start_step) and p.start_step >= 1, "profile.start_step", p.start_step,
+         "a step number >= 1 (the first step traced)")
+  _check(not p.num_steps or p.start_step <= c.num_train_steps, "profile.start_step",
+         p.start_step, f"a step in 1 ... num_train_steps={c.num_train_steps}, or "
+         "profile.num_steps=0 for no trace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +329,7 @@ OPERATIONAL_KEYS = (
     "tfds_data_dir", "init_from", "nonfinite", "checkpoint_on_unreadable", "microbatches",
     "mesh", "logical_axis_rules",
     "model.remat", "model.attention",
+    "eval_tasks", "downstream_eval_every_steps", "downstream_eval_max_examples", "profile",
 )
 
 

@@ -1,5 +1,8 @@
 """Training metrics: metrics.jsonl + TensorBoard, a progress line with ETA, MFU, loss plot, summary.
 
+`Progress` measures the rate and ETA of any loop (training steps here, examples in
+`pausejax.evaluate`); `MetricsLogger.write_texts` puts Markdown in TensorBoard's Text tab.
+
 One `MetricsLogger` per run. Only the lead host writes files; the others only log.
 
   logger = MetricsLogger(workdir, total_steps=cfg.num_train_steps,
@@ -54,9 +57,8 @@ class MetricsLogger:
     self.tensorboard_dir = workdir
     self.total_steps = int(total_steps)
     self.is_lead_host = is_lead_host
-    self._clock = clock
     self._stream = stream
-    self._timing_start: tuple[int, float] | None = None  # (step, time) of the first progress call.
+    self._steps = Progress(self.total_steps, clock=clock)  # Started by the first progress call.
     # Non-local metrics.jsonl: its whole content, None until first read.
     self._remote_text: str | None = None
     if is_lead_host:
@@ -99,12 +101,8 @@ class MetricsLogger:
     (re)start, which include compilation, are left out, and a resumed run's step numbers work.
     Time spent between calls on evaluation or checkpoints counts, since the rest of the run has it.
     """
-    now = self._clock()
     step = int(step)
-    if self._timing_start is None:
-      self._timing_start = (step, now)
-    first_step, first_time = self._timing_start
-
+    _, eta = self._steps.update(step)
     width = len(str(self.total_steps))
     parts = [f"step {step:>{width}d}/{self.total_steps}"]
     loss = scalars.get("train_loss", scalars.get("loss"))
@@ -114,11 +112,6 @@ class MetricsLogger:
       parts.append(f"{format_si(scalars['tokens_per_sec'])} tok/s")
     if scalars.get("mfu") is not None:
       parts.append(f"MFU {100 * float(scalars['mfu']):.1f}%")
-    if step > first_step:
-      seconds_per_step = (now - first_time) / (step - first_step)
-      eta = format_duration(seconds_per_step * max(self.total_steps - step, 0))
-    else:
-      eta = "--"  # Nothing measured yet beyond the (compiling) first steps.
     parts.append(f"ETA {eta}")
     line = " | ".join(parts)
     if self.is_lead_host:
@@ -140,6 +133,10 @@ class MetricsLogger:
     if not fs.is_local(self.metrics_path):
       self._remote_text = kept
 
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Markdown texts in TensorBoard's Text tab (lead host), e.g. sample predictions."""
+    self._writer.write_texts(int(step), dict(texts))
+
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """The run's settings in TensorBoard's HParams tab (lists shown as text). Once per run."""
     self._writer.write_hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
@@ -156,6 +153,41 @@ class MetricsLogger:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+class Progress:
+  """Rate and time left of a loop over `total` units, measured from the first `update` on.
+
+  The first update only starts the clock: what came before it (compilation, in the first steps
+  after a (re)start) is left out, and a resumed loop's counts work. `MetricsLogger.progress`
+  (training steps) and `pausejax.evaluate` (examples) both use it.
+  """
+
+  def __init__(self, total: int, *, clock: Callable[[], float] = time.perf_counter):
+    self.total = int(total)
+    self._clock = clock
+    self._start: tuple[int, float] | None = None  # (done, time) at the first update.
+
+  def update(self, done: int) -> tuple[float | None, str]:
+    """(units per second, or None before anything is measured; the ETA as text) at `done`."""
+    now = self._clock()
+    if self._start is None:
+      self._start = (done, now)
+    first, first_time = self._start
+    if done <= first:
+      return None, "--"  # Nothing measured yet beyond the (compiling) first units.
+    seconds_per_unit = (now - first_time) / (done - first)
+    rate = 1 / seconds_per_unit if seconds_per_unit > 0 else None
+    return rate, format_duration(seconds_per_unit * max(self.total - done, 0))
+
+  def line(self, done: int, label: str, unit: str) -> str:
+    """One progress line, e.g. `addition 48/500 examples | 12.3 examples/s | ETA 37s`."""
+    rate, eta = self.update(done)
+    parts = [f"{label} {done}/{self.total} {unit}"]
+    if rate is not None:
+      parts.append(f"{format_si(rate)} {unit}/s")
+    parts.append(f"ETA {eta}")
+    return " | ".join(parts)
 
 
 def _plain_number(value: Any) -> int | float:
@@ -403,12 +435,20 @@ def _loss(x: Any) -> str:
   return f"{float(x):.4f}"
 
 
+def _time_split(split: Mapping[str, float]) -> str:
+  """{"input": s, ..., "wall": s} -> `input 4% | compute 81% | ... of 2m10s` (parts over 0)."""
+  wall = float(split["wall"])
+  parts = [f"{name} {100 * float(v) / wall:.0f}%" for name, v in split.items()
+           if name != "wall" and float(v) > 0 and wall > 0]
+  return " | ".join(parts) + f" of {format_duration(wall)}"
+
+
 # Keys format_summary understands; any other keys are listed after them as they are.
 SUMMARY_KEYS = (
     "params", "steps", "total_steps", "tokens_real", "tokens_total", "pause_fraction",
     "final_train_loss", "first_eval_loss", "final_eval_loss", "first_eval_accuracy",
-    "final_eval_accuracy", "wall_seconds", "tokens_per_sec", "mfu", "peak_flops", "peak_how",
-    "workdir", "metrics_path", "plot_path", "checkpoint_dir", "tensorboard_dir")
+    "final_eval_accuracy", "wall_seconds", "time_split", "tokens_per_sec", "mfu", "peak_flops",
+    "peak_how", "workdir", "metrics_path", "plot_path", "checkpoint_dir", "tensorboard_dir")
 # Other names accepted for some of them.
 _SUMMARY_ALIASES = {"train_loss": "final_train_loss", "wall_time": "wall_seconds",
                     "peak_source": "peak_how", "real_tokens": "tokens_real"}
@@ -449,6 +489,7 @@ def format_summary(info: Mapping[str, Any]) -> str:
       "eval loss": lambda: joined(" -> ", first_eval_loss=_loss, final_eval_loss=_loss),
       "eval accuracy": lambda: joined(" -> ", first_eval_accuracy=_pct, final_eval_accuracy=_pct),
       "wall time": lambda: joined("", wall_seconds=format_duration),
+      "time split": lambda: joined("", time_split=_time_split),
       "throughput": lambda: joined("", tokens_per_sec=lambda x: f"{format_si(x)} tokens/s"),
       "MFU": lambda: joined("", mfu=_pct),
       "peak FLOP/s": lambda: joined(", ", peak_flops=lambda x: f"{format_si(x)}FLOP/s per device",

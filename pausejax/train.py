@@ -20,7 +20,9 @@ one that cannot be restored is moved aside and the newest one that restores is r
 (`checkpoint_on_unreadable`; see `pausejax.ckpt_faults`).
 
 Outputs in --workdir (local or gs://): config.json, metrics.jsonl, TensorBoard events,
-checkpoints/, loss.png, summary.txt.
+checkpoints/, loss.png, summary.txt; profile/ with `profile.num_steps` (`pausejax.profiling`: the
+trace, and the time split every log line carries). `eval_tasks` are scored on the live
+parameters during training (`pausejax.downstream_eval`).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from pausejax import checkpoint
 from pausejax import config as config_lib
 from pausejax import data as data_lib
 from pausejax import distributed
+from pausejax import downstream_eval
 from pausejax import fs
 from pausejax import metrics
 from pausejax import model as model_lib
+from pausejax import profiling
 from pausejax import registry
 from pausejax import sequencematch
 from pausejax import specials
@@ -205,8 +209,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if saved_step is not None and saved_step >= config.num_train_steps:
     return _report_finished(workdir, saved_step, lead)
 
-  # 2. Data: tasks and vocabulary resolved, the data checked to exist; nothing read yet.
+  # 2. Data: tasks and vocabulary resolved, the data checked to exist; nothing read yet but
+  # the examples of the downstream tasks `eval_tasks` names (None: it names none).
   data = data_lib.prepare(config)
+  downstream = downstream_eval.for_training(config, data.vocabulary)
 
   # 3. Mesh, model, optimizer: shapes and shardings only. Parameters are created directly in
   # their shardings, never whole on one host.
@@ -272,71 +278,92 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           f"{dict(run_.mesh.shape)} | {jax.device_count()} "
           f"{jax.devices()[0].device_kind} device(s) | workdir {workdir}", flush=True)
 
-  # 6. Loop.
+  # 6. Loop. Every step and phase is annotated for the profiler and timed (`profiling`).
   preemption = _Preemption()
   guard = _FiniteGuard(config.nonfinite, ckpt, logger)
-  first_eval, last_eval, last = None, None, {}
+  prof = profiling.Profiler(workdir, config.get("profile"), first_step=start_step + 1,
+                            last_step=config.num_train_steps, is_lead_host=lead)
+  first_eval, last_eval, last, last_downstream = None, None, {}, {}
   t_start = time.time()
   t_window, window_steps = time.time(), 0
   step = start_step
   try:
     while step < config.num_train_steps:
-      host_batch = next(train_iter)
-      if refresh_samples:
-        state = refresh_samples(state, host_batch, logger)
-      batch = _global_batch(host_batch, run_.batch_sharding)
-      state, step_metrics = train_step(state, batch)
-      ckpt.check_saves()  # A background save that failed stops the run now, not at the next.
-      step += 1
-      window_steps += 1
-      guard.add(step, step_metrics)
-      guard.check(keep=1)  # The previous step's flag: that step has finished by now.
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        guard.check()
-        m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        dt = (time.time() - t_window) / window_steps
-        t_window, window_steps = time.time(), 0
-        real, total = m.pop("real_tokens"), m.pop("total_tokens")
-        m.update({
-            "step_time": dt,
-            "tokens_per_sec": total / dt,
-            "tokens_per_sec_per_device": total / dt / jax.device_count(),
-            "real_tokens_per_sec": real / dt,
-            "mfu": metrics.mfu(flops_per_step, dt, jax.device_count(), peak),
-        })
-        if data.train.is_mixture:
-          m.update(_task_rows(data, train_iter))
-        logger.write(step, m)
-        logger.progress(step, m)
-        last = m
-      if config.eval_every_steps and step % config.eval_every_steps == 0 or \
-          step == config.num_train_steps:
-        guard.check()
-        e = evaluate(eval_step, state["params"], eval_batches, run_.batch_sharding)
-        logger.write(step, e)
-        if lead:
-          print(f"step {step}/{config.num_train_steps} | eval loss {e['eval_loss']:.3f} | "
-                f"eval accuracy {100 * e['eval_accuracy']:.1f}%", flush=True)
-        first_eval = first_eval or {"step": step, **e}
-        last_eval = {"step": step, **e}
-        t_window = time.time()  # Eval time is not training time.
-      stop = preemption.reached(step)
-      final = step == config.num_train_steps
-      if stop or final or ckpt.should_save(step):
-        guard.check()  # Never save a state past a non-finite step (unless it was skipped).
-        ckpt.save(step, state, train_iter, force=True)
-      if stop:
-        ckpt.wait_until_finished()
-        print(f"Stopped at step {step} on SIGTERM; checkpoint saved. Re-run the same command to "
-              "resume.", flush=True)
-        return {"step": step, "preempted": True}
-    ckpt.wait_until_finished()
+      with prof.step(step + 1, sync=guard.check):
+        with prof.phase("input"):
+          host_batch = next(train_iter)
+          if refresh_samples:
+            state = refresh_samples(state, host_batch, logger)
+          batch = _global_batch(host_batch, run_.batch_sharding)
+        with prof.phase("compute"):  # Dispatch, and the wait for the previous step's flag.
+          state, step_metrics = train_step(state, batch)
+          step += 1
+          guard.add(step, step_metrics)
+          guard.check(keep=1)  # The previous step's flag: that step has finished by now.
+        with prof.phase("checkpoint"):
+          ckpt.check_saves()  # A background save that failed stops the run now, not at the next.
+        window_steps += 1
+        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+          with prof.phase("compute"):  # Waits for the device to finish the step.
+            guard.check()
+            m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          dt = (time.time() - t_window) / window_steps
+          t_window, window_steps = time.time(), 0
+          real, total = m.pop("real_tokens"), m.pop("total_tokens")
+          m.update({
+              "step_time": dt,
+              "tokens_per_sec": total / dt,
+              "tokens_per_sec_per_device": total / dt / jax.device_count(),
+              "real_tokens_per_sec": real / dt,
+              "mfu": metrics.mfu(flops_per_step, dt, jax.device_count(), peak),
+              **prof.take(),  # time/<phase>: seconds since the last log line.
+          })
+          if data.train.is_mixture:
+            m.update(_task_rows(data, train_iter))
+          logger.write(step, m)
+          logger.progress(step, m)
+          last = m
+        if config.eval_every_steps and step % config.eval_every_steps == 0 or \
+            step == config.num_train_steps:
+          with prof.phase("eval"):
+            guard.check()
+            e = evaluate(eval_step, state["params"], eval_batches, run_.batch_sharding)
+          logger.write(step, e)
+          if lead:
+            print(f"step {step}/{config.num_train_steps} | eval loss {e['eval_loss']:.3f} | "
+                  f"eval accuracy {100 * e['eval_accuracy']:.1f}%", flush=True)
+          first_eval = first_eval or {"step": step, **e}
+          last_eval = {"step": step, **e}
+          t_window = time.time()  # Eval time is not training time.
+        if downstream and downstream.due(step):
+          with prof.phase("downstream_eval"):
+            guard.check()
+            last_downstream = downstream.run(step, state["params"], run_.decode_model_cfg,
+                                              logger)
+          t_window = time.time()
+        stop = preemption.reached(step)
+        final = step == config.num_train_steps
+        if stop or final or ckpt.should_save(step):
+          with prof.phase("checkpoint"):
+            guard.check()  # Never save a state past a non-finite step (unless it was skipped).
+            ckpt.save(step, state, train_iter, force=True)
+        if stop:
+          with prof.phase("checkpoint"):
+            ckpt.wait_until_finished()
+          print(f"Stopped at step {step} on SIGTERM; checkpoint saved. Re-run the same command "
+                "to resume.", flush=True)
+          return {"step": step, "preempted": True}
+    with prof.phase("checkpoint"):
+      ckpt.wait_until_finished()
   finally:
     try:
       ckpt.close()  # Finishes a save already under way: it is of a good state.
     finally:
       logger.close()
       preemption.close()
+      prof.close()
+      if downstream:
+        downstream.close()
 
   wall = time.time() - t_start
   info = {
@@ -345,9 +372,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "pause_fraction": last.get("pause_fraction"),
       "train_loss": last.get("train_loss"),
       "first_eval": first_eval, "final_eval": last_eval,
-      "wall_time": wall, "tokens_per_sec": last.get("tokens_per_sec"),
+      "wall_time": wall, "time_split": prof.summary(),
+      "tokens_per_sec": last.get("tokens_per_sec"),
       "real_tokens_per_sec": last.get("real_tokens_per_sec"), "mfu": last.get("mfu"),
-      "peak_source": peak_source, "workdir": workdir,
+      "peak_source": peak_source, "workdir": workdir, **last_downstream,
   }
   if guard.skipped:
     info["skipped_updates"] = guard.skipped

@@ -1,7 +1,9 @@
-"""Tests for pausejax.downstream (task registration) and pausejax.evaluate (SeqIO evaluation)."""
+"""Tests for pausejax.downstream (task registration), pausejax.downstream_eval (SeqIO evaluation)
+and the pausejax.evaluate command."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,8 +18,8 @@ from conftest import REPO, TINY_CLI, cli_overrides, tiny_config
 from pausejax import corpus
 from pausejax import decode
 from pausejax import downstream
+from pausejax import downstream_eval
 from pausejax import eval_metrics
-from pausejax import evaluate
 from pausejax import model as model_lib
 from pausejax import specials
 from pausejax.errors import UsageError
@@ -166,9 +168,9 @@ def test_tfds_tasks_are_registered_and_unprepared_ones_stop_early(tmp_path, voca
   names = downstream.downstream_task_names()
   for name in ("squad_v1", "gsm8k", "piqa", "hellaswag", "lambada", "addition"):
     assert name in names
-  settings = evaluate.Settings(tfds_data_dir=str(tmp_path))
+  settings = downstream_eval.Settings(tfds_data_dir=str(tmp_path))
   with pytest.raises(UsageError, match=r"squad/v1.1:3.0.0 is not prepared there.*tfds build"):
-    evaluate.TaskEvaluation(downstream.resolve("squad_v1"), vocab, settings)
+    downstream_eval.TaskEvaluation(downstream.resolve("squad_v1"), vocab, settings)
   assert not os.listdir(tmp_path)  # Nothing written.
 
 
@@ -179,9 +181,9 @@ def test_tfds_tasks_are_registered_and_unprepared_ones_stop_early(tmp_path, voca
 def test_multiple_choice_scores_match_a_full_forward_pass(model, vocab, position):
   recipe = _fixture_task("multiple_choice")
   m = 3
-  evaluation = evaluate.TaskEvaluation(
-      recipe, vocab, evaluate.Settings(num_pauses=m, pause_position=position, max_len=32,
-                                       batch_size=4))
+  evaluation = downstream_eval.TaskEvaluation(
+      recipe, vocab, downstream_eval.Settings(num_pauses=m, pause_position=position,
+                                              max_len=32, batch_size=4))
   result = evaluation.run(model)
   evaluation.close()
   pauses = [vocab.pause_id] * m
@@ -206,8 +208,8 @@ def test_multiple_choice_scores_match_a_full_forward_pass(model, vocab, position
 def test_score_rows_match_reference(model, vocab, prefix_lm):
   """The jitted scorer against the numpy reference, row by row (stronger than accuracies)."""
   recipe = _fixture_task("last_word")
-  evaluation = evaluate.TaskEvaluation(
-      recipe, vocab, evaluate.Settings(num_pauses=2, max_len=40, prefix_lm=prefix_lm))
+  evaluation = downstream_eval.TaskEvaluation(
+      recipe, vocab, downstream_eval.Settings(num_pauses=2, max_len=40, prefix_lm=prefix_lm))
   model_ds = evaluation._evaluator.cached_model_datasets[evaluation._name]
   rows = dict(evaluation._score_fn(model, model_ds))
   evaluation.close()
@@ -222,8 +224,9 @@ def test_score_rows_match_reference(model, vocab, prefix_lm):
 @pytest.mark.parametrize("prefix_lm", [False, True])
 def test_generative_predictions_are_pause_aware_decodes(model, vocab, prefix_lm):
   recipe = _fixture_task("generative")
-  result = evaluate.evaluate(model, "fixture_generative", vocab, num_pauses=4, max_len=48,
-                             max_new_tokens=5, batch_size=2, prefix_lm=prefix_lm)
+  result = downstream_eval.evaluate(model, "fixture_generative", vocab, num_pauses=4,
+                                    max_len=48, max_new_tokens=5, batch_size=2,
+                                    prefix_lm=prefix_lm)
   rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "generative.jsonl"))]
   prompts = [[0] + vocab.encode(r["inputs"]) for r in rows]
   gen = decode.generate(model, prompts, max_new_tokens=5, num_pauses=4,
@@ -241,8 +244,8 @@ def test_generative_predictions_are_pause_aware_decodes(model, vocab, prefix_lm)
 
 def test_metrics_can_be_chosen(model, vocab):
   _fixture_task("generative")
-  result = evaluate.evaluate(model, "fixture_generative", vocab, metrics=("gsm8k_accuracy",),
-                             max_len=48, max_new_tokens=2)
+  result = downstream_eval.evaluate(model, "fixture_generative", vocab,
+                                    metrics=("gsm8k_accuracy",), max_len=48, max_new_tokens=2)
   assert list(result["metrics"]) == ["gsm8k_accuracy"]
 
 
@@ -276,8 +279,9 @@ def test_generative_metrics_of_a_perfect_and_a_wrong_predictor(model, vocab, mon
   """Every answer right: exactly 100; every answer off by one: exactly 0 (one-word answers)."""
   calls = []
   monkeypatch.setattr(decode, "generate", _fake_generate(vocab, calls, off_by))
-  result = evaluate.evaluate(model, "addition", vocab, num_pauses=3, pause_position=position,
-                             max_examples=10, batch_size=4, max_len=32)
+  result = downstream_eval.evaluate(model, "addition", vocab, num_pauses=3,
+                                    pause_position=position, max_examples=10, batch_size=4,
+                                    max_len=32)
   assert result["metrics"] == {"exact_match": expected}
   assert result["num_examples"] == 10
   # The prompts were BOS + the 10 first held-out questions, in batches of 4, with the pauses
@@ -295,8 +299,9 @@ def test_generative_metrics_of_a_perfect_and_a_wrong_predictor(model, vocab, mon
 
 
 def _fake_score(vocab, correct, right):
-  """evaluate._score replaced: log-likelihood 0 for the `correct` continuation of a prompt and
-  -1 per token for the others (`right`=False swaps the two); greedy flag 1 exactly when right."""
+  """downstream_eval._score replaced: log-likelihood 0 for the `correct` continuation of a prompt
+  and -1 per token for the others (`right`=False swaps the two); greedy flag 1 exactly when
+  right."""
 
   def score(graphdef, state, tokens_BxS, start_B, count_B, vocab_size, *, prefix_lm):
     del graphdef, state, vocab_size, prefix_lm
@@ -318,10 +323,10 @@ def test_multiple_choice_metrics_of_a_perfect_and_a_wrong_scorer(model, vocab, m
   """The labelled option scored best on every example: exactly 100; scored worst: exactly 0."""
   lines = [json.loads(line) for line in open(os.path.join(FIXTURES, "multiple_choice.jsonl"))]
   correct = {row["inputs"]: row["options"][row["label"]] for row in lines}
-  monkeypatch.setattr(evaluate, "_score", _fake_score(vocab, correct, right))
-  evaluation = evaluate.TaskEvaluation(
+  monkeypatch.setattr(downstream_eval, "_score", _fake_score(vocab, correct, right))
+  evaluation = downstream_eval.TaskEvaluation(
       _fixture_task("multiple_choice"), vocab,
-      evaluate.Settings(num_pauses=2, max_len=32, batch_size=4))
+      downstream_eval.Settings(num_pauses=2, max_len=32, batch_size=4))
   result = evaluation.run(model)
   evaluation.close()
   assert result["metrics"] == {"mc_accuracy": expected, "mc_accuracy_norm": expected}
@@ -333,9 +338,9 @@ def test_last_word_metric_of_a_perfect_and_a_wrong_scorer(model, vocab, monkeypa
                                                           expected):
   lines = [json.loads(line)["text"] for line in open(os.path.join(FIXTURES, "last_word.jsonl"))]
   correct = {text.rsplit(" ", 1)[0]: text.rsplit(" ", 1)[1] for text in lines}
-  monkeypatch.setattr(evaluate, "_score", _fake_score(vocab, correct, right))
+  monkeypatch.setattr(downstream_eval, "_score", _fake_score(vocab, correct, right))
   _fixture_task("last_word")
-  result = evaluate.evaluate(model, "fixture_last_word", vocab, num_pauses=1, max_len=40)
+  result = downstream_eval.evaluate(model, "fixture_last_word", vocab, num_pauses=1, max_len=40)
   assert result["metrics"] == {"last_word_accuracy": expected}
 
 
@@ -348,8 +353,70 @@ def test_last_word_metric_of_a_perfect_and_a_wrong_scorer(model, vocab, monkeypa
 def test_bad_settings_are_usage_errors(vocab, settings, message):
   _fixture_task("generative")
   with pytest.raises(UsageError, match=message):
-    evaluate.TaskEvaluation(downstream.resolve("fixture_generative"), vocab,
-                            evaluate.Settings(**settings))
+    downstream_eval.TaskEvaluation(downstream.resolve("fixture_generative"), vocab,
+                                   downstream_eval.Settings(**settings))
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: examples done / total, rate and ETA.
+
+def test_progress_is_reported_after_every_batch(model, vocab, monkeypatch):
+  monkeypatch.setattr(decode, "generate", _fake_generate(vocab, [], 0))
+  evaluation = downstream_eval.TaskEvaluation(
+      downstream.resolve("addition"), vocab,
+      downstream_eval.Settings(max_examples=10, batch_size=4, max_len=32))
+  calls = []
+  evaluation.run(model, progress=lambda done, total: calls.append((done, total)))
+  evaluation.run(model)  # No callback: nothing is called.
+  evaluation.close()
+  assert calls == [(4, 10), (8, 10), (10, 10)] and evaluation.unit == "examples"
+
+
+class _FakeClock:
+  def __init__(self, times):
+    self._times = iter(times)
+
+  def __call__(self):
+    return next(self._times)
+
+
+def test_progress_rate_and_eta_leave_out_the_first_compiling_batch():
+  from pausejax import metrics
+  progress = metrics.Progress(500, clock=_FakeClock([30.0, 32.0, 34.0]))
+  assert progress.line(16, "addition", "examples") == "addition 16/500 examples | ETA --"
+  assert progress.line(48, "addition", "examples") == (
+      "addition 48/500 examples | 16 examples/s | ETA 28s")
+  assert progress.update(500) == (121.0, "0s")  # (500 - 16) / (34 - 30) s.
+
+
+class _Stream(io.StringIO):
+  def __init__(self, tty):
+    super().__init__()
+    self._tty = tty
+
+  def isatty(self):
+    return self._tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_line_is_rewritten_on_a_terminal(tty):
+  from pausejax import evaluate
+  stream = _Stream(tty)
+  line = evaluate._ProgressLine("addition", "examples", stream)
+  for done in (4, 8, 10):
+    line(done, 10)
+  text = stream.getvalue()
+  assert text.endswith("\n") and "addition 10/10 examples | " in text
+  if tty:  # One line, rewritten in place, ended once.
+    assert text.count("\r") == 3 and text.count("\n") == 1
+  else:  # The first update and the last; the others within 10 s of the first are left out.
+    assert text.count("\n") == 2 and "\r" not in text and "addition 8/10" not in text
+
+
+def test_evaluate_command_keeps_the_library_names():
+  from pausejax import evaluate
+  for name in ("Settings", "TaskEvaluation", "evaluate", "POSITIONS"):
+    assert getattr(evaluate, name) is getattr(downstream_eval, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,8 +478,8 @@ def test_cli_writes_results_and_leaves_checkpoints_alone(random_workdir):
   model, step = build.restore_model(config, str(random_workdir),
                                     specials.padded_vocab_size(vocabulary.vocab_size),
                                     vocabulary.pause_id)
-  expected = evaluate.evaluate(model, "addition", vocabulary, num_pauses=3, max_examples=6,
-                               batch_size=4, max_len=config.seq_len)
+  expected = downstream_eval.evaluate(model, "addition", vocabulary, num_pauses=3,
+                                      max_examples=6, batch_size=4, max_len=config.seq_len)
   assert step == 7 and written == {**expected, "step": 7}
 
 

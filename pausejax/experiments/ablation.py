@@ -162,9 +162,9 @@ def _trained_model(workdir: str, config):
 
 
 def _exact_match(config, workdir: str, m_inf: int, examples: int) -> float:
-  from pausejax import evaluate
+  from pausejax import downstream_eval
   vocabulary, model = _trained_model(workdir, config)
-  result = evaluate.evaluate(
+  result = downstream_eval.evaluate(
       model, FINETUNE_TASK, vocabulary, num_pauses=m_inf, max_len=16 + 2 * m_inf + TARGETS_LEN + 2,
       max_examples=examples, tfds_data_dir=config.tfds_data_dir or None)
   return float(result["metrics"]["exact_match"])  # A percentage, as in T5's metrics.
