@@ -31,6 +31,12 @@ builds the training view from the recipe, `resolve(name).build(vocabulary, mode=
   arith_base7             embedded, synthetic: "152-64=" -> "55" in base 7  generative
                           (add or subtract, 1-3 digit operands, 4,000 train / 300 validation,
                           seed 0; `register_arithmetic_task` makes other bases and sizes)
+  reason_add              embedded, synthetic (`reasoning.py`, registered by pausejax.tasks):
+  reason_chain            "3471+285 =" -> "3756", "a=7;b=a+5;b=?" -> "12", "sort 52913 =" ->
+  reason_sort             "12359"; generative, exact_match (20,000 train / 500 validation problems,
+                          held out of the `reasoning` corpus; 3-4 digits, depth 2-4, 4-6 digits)
+  reason_chain_long       fine-tune on depth 2-4 / 4-6 digits, validate on depth 6 / 8 digits:
+  reason_sort_long        longer than anything in the corpus
 
 TFDS prompts are plain text such as "Question: ...\nAnswer:" (see the `_*_text` functions).
 

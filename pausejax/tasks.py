@@ -11,6 +11,8 @@ Registered on import as ordinary seqio Tasks (T5 style, `seqio.get_mixture_or_ta
   addition_lm            the embedded addition data as text ("123+45=168"), for mixing
   shakespeare_addition   Mixture: shakespeare 9 : addition_lm 1
   shakespeare_addition_pause   the same mixture of the tasks' `_pause` variants
+  reasoning, reasoning_mix     generated problems (sums, chains, lists; `reasoning.py`), and
+                               Mixture shakespeare 1 : reasoning 1; both also as `_pause`
 
 A pretraining task is: text -> tokenize -> [cache point] -> EOS -> concatenate and split into
 `seq_len` chunks -> (`_pause` tasks) insert pauses -> (`_sink` tasks) `<sink>` first. The pause rate is part of the task: a task
@@ -177,6 +179,7 @@ def _register_defaults() -> None:
     seqio.MixtureRegistry.remove(f"shakespeare_addition{suffix}")
     seqio.MixtureRegistry.add(f"shakespeare_addition{suffix}",
                               [(f"shakespeare{suffix}", 9.0), (f"addition_lm{suffix}", 1.0)])
+  from pausejax import reasoning  # noqa: F401  Its own module; registers on import.
 
 
 _register_defaults()
