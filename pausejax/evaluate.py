@@ -57,7 +57,7 @@ from pausejax import fs
 from pausejax import metrics
 from pausejax import specials
 # The library part, re-exported for code that imported it from here.
-from pausejax.downstream_eval import POSITIONS
+from pausejax.downstream_eval import POSITIONS  # noqa: F401
 from pausejax.downstream_eval import Settings
 from pausejax.downstream_eval import TaskEvaluation
 from pausejax.downstream_eval import evaluate  # noqa: F401
@@ -77,7 +77,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_pauses", None,
                        "M_inf: <pause> tokens with the prompt (default: the run's "
                        "pause.num_finetune, 0 for a pretraining run).")
-  flags.DEFINE_enum("pause_position", None, list(POSITIONS), "Pauses after the inputs or "
+  flags.DEFINE_enum("pause_position", None, ["append", "prepend"], "Pauses after the inputs or "
                     "before them (default: the run's pause.position).")
   flags.DEFINE_bool("prefix_lm", None, "Inputs and pauses attend both ways (default: the run's "
                     "prefix_lm).")

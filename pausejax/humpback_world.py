@@ -7,6 +7,12 @@ instructions whose correct output is known:
   next line   "Give the line that follows: <line>"   -> the next line of the same speech
   speaker     "Who speaks the line: <line>"          -> the speaker's name
   sort        "Sort the words: <words>"              -> the words in alphabetical order
+  count       "Count the words: <words>"             -> "<n> words"
+
+Backtranslating the first two needs the plays by heart (any line of that speaker, the line
+before); sorting and counting need only the segment's own words (any order of them; any n
+words): a small model can learn the last two backwards and hardly the first two, so the
+candidates are a mix of right and wrong pairs for curation to tell apart.
 
 `correct(instruction, output)` is the oracle: it parses any instruction with these templates and
 checks the output against the corpus. The unlabelled pool mixes true outputs of such
@@ -34,12 +40,13 @@ import numpy as np
 from pausejax import corpus
 from pausejax import humpback_data as hd
 
-NEXT, SPEAKER, SORT = "next_line", "speaker", "sort"
-KINDS = (NEXT, SPEAKER, SORT)
+NEXT, SPEAKER, SORT, COUNT = "next_line", "speaker", "sort", "count"
+KINDS = (NEXT, SPEAKER, SORT, COUNT)
 _TEMPLATES = {
     NEXT: "Give the line that follows: {x}",
     SPEAKER: "Who speaks the line: {x}",
     SORT: "Sort the words: {x}",
+    COUNT: "Count the words: {x}",
 }
 _PARSE = {k: re.compile("^" + re.escape(t).replace(re.escape("{x}"), "(.+)") + "$")
           for k, t in _TEMPLATES.items()}
@@ -90,8 +97,9 @@ class World:
     if kind == SPEAKER:
       return {"instruction": _TEMPLATES[SPEAKER].format(x=line), "output": speaker, "kind": kind}
     words = _words(line)
-    return {"instruction": _TEMPLATES[SORT].format(x=" ".join(words)),
-            "output": " ".join(sorted(words)), "kind": kind}
+    output = " ".join(sorted(words)) if kind == SORT else f"{len(words)} words"
+    return {"instruction": _TEMPLATES[kind].format(x=" ".join(words)), "output": output,
+            "kind": kind}
 
   def correct(self, instruction: str, output: str) -> bool:
     """Whether `output` is a right answer to `instruction` in this world."""
@@ -106,12 +114,14 @@ class World:
       if kind == SPEAKER:
         return output in self.speakers_of.get(x, ())
       words = x.split()
+      if kind == COUNT:
+        return output == f"{len(words)} words"
       return len(words) >= 2 and sorted(words) == output.split()
     return False
 
 
 def _words(line: str) -> list[str]:
-  return [w for w in re.sub(r"[^a-z' ]", " ", line.lower()).split() if w.strip("'")][:8]
+  return [w for w in re.sub(r"[^a-z' ]", " ", line.lower()).split() if w.strip("'")][:6]
 
 
 def _distractor(world: World, rng: np.random.Generator, line: str) -> str | None:
@@ -143,7 +153,7 @@ def build(outdir: str, sizes: Sizes, template: str) -> dict[str, str]:
     if len(instances) < sizes.num_seed + sizes.num_eval + num_true:
       kinds = [k for k in KINDS if k != NEXT or following]
       kind = kinds[rng.integers(len(kinds))]
-      if kind == SORT and len(_words(line)) < 3:
+      if kind in (SORT, COUNT) and len(_words(line)) < 3:
         continue
       instances.append(world.instance(kind, speaker, line, following))
     elif len(distractors) < num_distract:

@@ -199,6 +199,8 @@ def test_world_oracle_known_answers(world):
   assert not world.correct("Sort the words: b c a", "a c b")
   assert not world.correct("Sort the words: a", "a")  # One word: nothing to sort.
   assert not world.correct("Tell me a story", "a b c")
+  assert world.correct("Count the words: to be or not", "4 words")
+  assert not world.correct("Count the words: to be or not", "5 words")
   speaker, line, following = next(x for x in world.usable if x[2])
   assert world.correct(f"Who speaks the line: {line}", speaker)
   assert not world.correct(f"Who speaks the line: {line}", speaker + "X")

@@ -4,9 +4,10 @@ r"""The Humpback demonstration: does self-curated backtranslated data help, in a
         [--base_steps=N] [--steps=N] [--seed=0]
 
 Runs the whole `pausejax.humpback` pipeline on the embedded world (`pausejax.humpback_world`:
-three checkable instruction templates over the Shakespeare corpus; a pool of true answers and
-shuffled-word distractors), in --outdir/pipeline, then fine-tunes the same base on other data
-mixes with the same steps, and scores every model on the world's held-out instructions:
+four checkable instruction templates over the Shakespeare corpus; a pool of true answers and
+shuffled-word distractors), in --outdir/pipeline, with the backward model trained for twice
+the steps, then fine-tunes the same base on other data mixes with the same steps as M0, and
+scores every model on the world's held-out instructions:
 
   seed              M0: the seed pairs only
   seed+uncurated    seed + every candidate pair (no curation)
@@ -206,6 +207,8 @@ def main(argv):
   c.seed = f.seed
   c.base_steps = f.base_steps or BASE_STEPS[mode]
   c.finetune.steps = f.steps or STEPS[mode]
+  # Writing the instruction is the backward model's harder job (copying words it must reorder).
+  c.finetune.backward_steps = 2 * c.finetune.steps
   c.tfds_data_dir = os.path.join(outdir, "tensorflow_datasets")
   c = humpback.resolve(c, f.quick)
   humpback.validate(c)
