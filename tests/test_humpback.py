@@ -40,7 +40,8 @@ def _rerun(outdir):
   """The pipeline command with the settings the demonstration ran it with."""
   return subprocess.run(
       [sys.executable, "-m", "pausejax.humpback", f"--workdir={outdir / 'pipeline'}", "--quick",
-       f"--config.tfds_data_dir={outdir / 'tensorflow_datasets'}"],
+       f"--config.tfds_data_dir={outdir / 'tensorflow_datasets'}",
+       "--config.finetune.backward_steps=24"],  # The runner's: twice the 12 quick steps.
       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
 
 
