@@ -517,14 +517,23 @@ def _check_same(c: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, SETTINGS_FILE)
   if not os.path.exists(path):
     return
-  saved = json.loads(fs.read_text(path))
-  now = json.loads(c.to_json_best_effort())
-  changed = sorted(k for k in set(config_lib.flatten(saved)) | set(config_lib.flatten(now))
-                   if config_lib.flatten(saved).get(k) != config_lib.flatten(now).get(k))
+  saved = config_lib.flatten(json.loads(fs.read_text(path)))
+  now = config_lib.flatten(c)
+  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
   if changed:
     raise UsageError.setting(
         "--workdir", workdir, f"a new directory, or the settings of the run already there "
         f"(changed: {', '.join(changed[:5])}); its finished stages were made with those")
+
+
+def start(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks the resolved settings against `workdir` (before anything is written), then saves
+  them there."""
+  validate(c)
+  _check_same(c, workdir)
+  check_writable_dir(workdir, "workdir")
+  os.makedirs(workdir, exist_ok=True)
+  fs.write_text(os.path.join(workdir, SETTINGS_FILE), c.to_json_best_effort(indent=2) + "\n")
 
 
 def main(argv):
@@ -534,11 +543,7 @@ def main(argv):
   if not workdir:
     raise UsageError.setting("--workdir", workdir, "give a directory, e.g. runs/humpback")
   c = resolve(flags.FLAGS.config, flags.FLAGS.quick)
-  validate(c)
-  _check_same(c, workdir)
-  check_writable_dir(workdir, "workdir")
-  os.makedirs(workdir, exist_ok=True)
-  fs.write_text(os.path.join(workdir, SETTINGS_FILE), c.to_json_best_effort(indent=2) + "\n")
+  start(c, workdir)
   t0 = time.time()
   try:
     Pipeline(c, workdir).run()

@@ -211,12 +211,8 @@ def main(argv):
   c.finetune.backward_steps = 2 * c.finetune.steps
   c.tfds_data_dir = os.path.join(outdir, "tensorflow_datasets")
   c = humpback.resolve(c, f.quick)
-  humpback.validate(c)
   workdir = os.path.join(outdir, "pipeline")
-  humpback._check_same(c, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  open(os.path.join(workdir, humpback.SETTINGS_FILE), "w").write(
-      c.to_json_best_effort(indent=2) + "\n")
+  humpback.start(c, workdir)
   t0 = time.time()
   pipe = humpback.Pipeline(c, workdir)
   pipe.run()
