@@ -65,7 +65,7 @@ def test_scores_are_exact_match_percentages_at_m_inf(monkeypatch, off_by, expect
         answers), inputs=[list(p) for p in prompts])
 
   monkeypatch.setattr(decode, "generate", generate)
-  monkeypatch.setattr(ablation, "_trained_model", lambda workdir, config: (vocabulary, None))
+  monkeypatch.setattr(ablation, "trained_model", lambda workdir, config: (vocabulary, None))
   config = types.SimpleNamespace(tfds_data_dir="")
   assert ablation._exact_match(config, "unused", 3, 20) == expected
   assert calls == [(3, 16), (3, 16)]  # M_inf pauses; 20 examples in batches of 16.
@@ -139,7 +139,7 @@ def train(config, workdir):
   with open(os.path.join(workdir, "run.json"), "w") as f:
     json.dump({"seed": config.seed, "init_from": config.init_from, "task": config.task}, f)
 
-ablation._train = train
+ablation.train_or_reuse = train
 ablation._exact_match = lambda config, workdir, m_inf, examples: 10.0 * config.seed + m_inf
 ablation.define_flags()
 run(ablation.main)

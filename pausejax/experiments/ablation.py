@@ -74,7 +74,7 @@ PRETRAINING_NAMES = {"NoPT": "none (random init)", "StdPT": "StdPT", "PausePT": 
 TARGETS_LEN = 8  # Up to 4 answer digits + EOS in the embedded tokenizer, with room to spare.
 
 
-def _base_config(quick: bool, seed: int):
+def base_config(quick: bool, seed: int):
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py")
   spec = importlib.util.spec_from_file_location("tiny_config", path)
@@ -97,7 +97,7 @@ def _base_config(quick: bool, seed: int):
 
 
 def pretrain_config(quick: bool, seed: int, task: str, steps: int, tfds_data_dir: str):
-  c = _base_config(quick, seed)
+  c = base_config(quick, seed)
   c.task = task
   c.num_train_steps = steps
   c.eval_every_steps = 0
@@ -109,7 +109,7 @@ def pretrain_config(quick: bool, seed: int, task: str, steps: int, tfds_data_dir
 
 def finetune_config(quick: bool, seed: int, m_ft: int, steps: int, init_from: str,
                     tfds_data_dir: str):
-  c = _base_config(quick, seed)
+  c = base_config(quick, seed)
   c.task = FINETUNE_TASK
   c.eval_task = ""
   c.init_from = init_from  # "" for NoPT: the random initialisation of `seed`.
@@ -128,7 +128,7 @@ def finetune_config(quick: bool, seed: int, m_ft: int, steps: int, init_from: st
   return c
 
 
-def _train(config, workdir: str) -> None:
+def train_or_reuse(config, workdir: str) -> None:
   """Trains unless `workdir` already holds the final checkpoint (re-runs reuse it)."""
   from pausejax import checkpoint
   from pausejax import train
@@ -146,7 +146,7 @@ def _train(config, workdir: str) -> None:
 _MODELS: dict[str, Any] = {}  # workdir -> (vocabulary, model): each run is loaded once.
 
 
-def _trained_model(workdir: str, config):
+def trained_model(workdir: str, config):
   """(vocabulary, model) of a finished run, loaded once however many M_inf it is scored at."""
   if workdir in _MODELS:
     return _MODELS[workdir]
@@ -161,9 +161,14 @@ def _trained_model(workdir: str, config):
   return _MODELS[workdir]
 
 
+def forget_models() -> None:
+  """Drops the loaded models (a runner scoring many runs keeps only one seed's in memory)."""
+  _MODELS.clear()
+
+
 def _exact_match(config, workdir: str, m_inf: int, examples: int) -> float:
   from pausejax import downstream_eval
-  vocabulary, model = _trained_model(workdir, config)
+  vocabulary, model = trained_model(workdir, config)
   result = downstream_eval.evaluate(
       model, FINETUNE_TASK, vocabulary, num_pauses=m_inf, max_len=16 + 2 * m_inf + TARGETS_LEN + 2,
       max_examples=examples, tfds_data_dir=config.tfds_data_dir or None)
@@ -345,11 +350,11 @@ def main(argv):
     of_seed = "" if num_seeds == 1 else f", seed {s}"
     for name, c in pre_cfgs[s].items():
       progress(f"pretraining {name} (task {c.task}){of_seed}")
-      _train(c, os.path.join(runs[s], name))
+      train_or_reuse(c, os.path.join(runs[s], name))
       done += 1
     for (pt, m), c in ft_cfgs[s].items():
       progress(f"fine-tuning {pt} with M_ft={m}{of_seed}")
-      _train(c, os.path.join(runs[s], f"{pt}_ft{m}"))
+      train_or_reuse(c, os.path.join(runs[s], f"{pt}_ft{m}"))
       done += 1
 
   def seed_scores(s: int) -> dict[str, Any]:
