@@ -91,6 +91,49 @@ def test_data_is_seeded_and_eval_set_is_capped():
   assert parity.ParityData(num_bits=1, num_eval=300, seed=0).eval_bits.shape == (1, 1)
 
 
+@pytest.mark.parametrize("num_bits,num_pauses", [(5, 0), (5, 3), (6, 6), (4, 9)])
+def test_hints_are_thresholds_before_the_answer(num_bits, num_pauses):
+  bits = np.random.default_rng(num_bits).integers(0, 2, (64, num_bits))
+  plain = parity.make_batch(bits, num_pauses)
+  batch = parity.make_batch(bits, num_pauses, hints=True)
+  n, m = num_bits, num_pauses
+  # Same inputs and answer: hints are outputs only.
+  np.testing.assert_array_equal(batch["decoder_input_tokens"], plain["decoder_input_tokens"])
+  assert batch["decoder_target_tokens"][:, -1].tolist() == [_xor_parity(r) for r in bits]
+  weights = batch["decoder_loss_weights"]
+  assert (weights[:, :n] == 0).all() and (weights[:, n:] == 1).all()
+  ones = bits.sum(axis=1)
+  for j in range(1, m + 1):  # Position n + j - 1 (SEP, then the pauses) answers "ones >= j".
+    np.testing.assert_array_equal(batch["decoder_target_tokens"][:, n + j - 1],
+                                  [parity.BIT_IDS[int(c >= j)] for c in ones])
+  np.testing.assert_array_equal(batch["decoder_target_tokens"][:, :n],
+                                plain["decoder_target_tokens"][:, :n])
+
+
+def test_alternating_sum_of_n_hints_is_the_parity():
+  """With M = n the hints hold what a second layer needs: parity = sum_j (-1)^(j+1) hint_j."""
+  bits = np.random.default_rng(1).integers(0, 2, (500, 9))
+  targets = parity.make_batch(bits, 9, hints=True)["decoder_target_tokens"]
+  signs = (-1) ** np.arange(9)
+  np.testing.assert_array_equal(targets[:, 9:18] @ signs, targets[:, -1])
+
+
+def test_fixed_training_set_is_read_in_shuffled_epochs():
+  data = parity.ParityData(num_bits=12, num_eval=100, seed=5, train_size=40)
+  assert data.train_set.shape == (40, 12)
+  eval_set = {tuple(r) for r in data.eval_bits.tolist()}
+  assert not eval_set & {tuple(r) for r in data.train_set.tolist()}
+  key = lambda rows: sorted(map(tuple, rows.tolist()))
+  first, second = data.train_bits(25), data.train_bits(55)  # 80 strings: exactly two epochs.
+  epochs = np.concatenate([first, second])
+  assert key(epochs[:40]) == key(epochs[40:]) == key(data.train_set)
+  assert not np.array_equal(epochs[:40], epochs[40:])  # Each epoch in a new order.
+  again = parity.ParityData(num_bits=12, num_eval=100, seed=5, train_size=40)
+  np.testing.assert_array_equal(again.train_set, data.train_set)
+  np.testing.assert_array_equal(again.train_bits(80), epochs)
+  assert parity.ParityData(num_bits=12, num_eval=100, seed=5).train_set is None
+
+
 @pytest.mark.parametrize("spec,n,expected", [
     ("0", 16, 0), ("8", 16, 8), ("n", 16, 16), ("n/2", 16, 8), ("n/2", 5, 2), ("2n", 7, 14),
     ("3n/4", 16, 12)])
@@ -146,6 +189,48 @@ def test_replicas_stop_once_every_seed_is_solved(monkeypatch):
   assert record["final_accuracy_per_seed"] == [1.0, 1.0] and record["final_accuracy"] == 1.0
   assert record["final_accuracy_ci95"] == 0.0
   assert [p["eval_accuracy_per_seed"] for p in record["curve"]] == [[1.0, 1.0]] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions and the London & Kanade options.
+
+def test_positions_learned_and_none_turn_rope_off():
+  import jax
+  from flax import nnx
+  from pausejax import model as model_lib
+  assert parity.decoder_class("rope") is model_lib.Decoder
+  tokens = np.random.default_rng(0).integers(0, 4, (3, 9))
+  tokens[-1] = 3  # One id repeated: only positions tell its tokens apart.
+  stretched = 2 * np.arange(9)[None].repeat(3, axis=0)  # RoPE positions 0, 2, 4, ...
+  for positions in parity.POSITIONS:
+    s = dataclasses.replace(parity.QUICK, positions=positions, d_model=16, num_heads=2,
+                            head_dim=8, mlp_dim=32)
+    model = parity.decoder_class(positions)(parity.model_config(s, max_len=9),
+                                            rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    logits = np.asarray(model(tokens))
+    # Positions given for RoPE change a RoPE model's logits and nothing else's.
+    assert np.array_equal(np.asarray(model(tokens, None, stretched)), logits) == (
+        positions != "rope")
+    # Identical tokens have identical values, so RoPE's weights cannot tell them apart either;
+    # only a learned table gives each position its own logits.
+    assert np.allclose(logits[-1], logits[-1, :1], atol=1e-5) == (positions != "learned")
+
+
+def test_quick_sweep_with_the_london_kanade_options():
+  """Learned positions, hints and a fixed training set: a sweep runs and records them."""
+  s = dataclasses.replace(parity.QUICK, num_bits=(5,), pauses=("0", "n"), steps=40, eval_every=20,
+                          positions="learned", hints=True, train_size=48)
+  results = parity.sweep(s, stream=io.StringIO())
+  assert results["settings"]["positions"] == "learned" and results["settings"]["hints"]
+  assert results["settings"]["train_size"] == 48
+  rope = parity.programs(dataclasses.replace(s, positions="rope")).num_params
+  for r in results["runs"]:  # One table of 11 rows (n + 1 + n) serves both sequence lengths.
+    assert r["num_params"] == rope + 11 * s.d_model
+    assert [p["step"] for p in r["curve"]] == [20, 40]
+    # Held-out accuracy is on the answer alone: a count of right answers out of 16.
+    assert all(p["eval_accuracy"] * 16 == round(p["eval_accuracy"] * 16) for p in r["curve"])
+  assert "positions learned" in parity_report.results_markdown(results, "c")
+  assert "fixed set of 48" in parity_report.results_markdown(results, "c")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +323,7 @@ def test_confidence_interval_table():
 def _fake_flags(**given):
   names = ("num_bits", "pauses", "steps", "batch_size", "eval_every", "num_eval",
            "learning_rate", "d_model", "num_heads", "head_dim", "mlp_dim", "rope_theta", "seed",
-           "seeds")
+           "seeds", "setup", "positions", "hints", "train_size")
   values = dict.fromkeys(names, None)
   values["quick"] = False
   values.update(given)
@@ -254,6 +339,21 @@ def test_flags_override_the_preset():
   assert parity.settings_from_flags(_fake_flags()) == parity.FULL
 
 
+def test_london_kanade_setup_and_its_overrides():
+  lk = parity.settings_from_flags(_fake_flags(setup="london_kanade"))
+  assert lk == parity.LONDON_KANADE
+  assert lk.num_bits == (20, 50, 100, 150, 200, 250, 300) and lk.pauses == ("0", "n")
+  assert (lk.positions, lk.hints, lk.num_heads) == ("learned", True, 4) and lk.train_size > 0
+  assert parity.settings_from_flags(_fake_flags(setup="default")) == parity.FULL
+  s = parity.settings_from_flags(_fake_flags(setup="london_kanade", num_bits="12,16",
+                                             positions="none", hints=False, train_size=0))
+  assert (s.num_bits, s.positions, s.hints, s.train_size) == ((12, 16), "none", False, 0)
+  assert s.d_model == lk.d_model
+  quick = parity.settings_from_flags(_fake_flags(setup="london_kanade", quick=True))
+  assert quick == dataclasses.replace(parity.QUICK, positions="learned", hints=True)
+  assert parity.FULL.positions == "rope" and not parity.FULL.hints and not parity.FULL.train_size
+
+
 @pytest.mark.parametrize("given,name", [
     (dict(num_bits="0"), "--num_bits"), (dict(num_bits="4,-2"), "--num_bits"),
     (dict(num_bits="a"), "--num_bits"), (dict(num_bits=""), "--num_bits"),
@@ -262,7 +362,9 @@ def test_flags_override_the_preset():
     (dict(learning_rate=0.0), "--learning_rate"), (dict(head_dim=15), "--head_dim"),
     (dict(rope_theta=-1.0), "--rope_theta"), (dict(seed=-1), "--seed"),
     (dict(seeds=0), "--seeds"), (dict(seeds=-2), "--seeds"),
-    (dict(num_bits="3000", pauses="n"), "--num_bits/--pauses")])
+    (dict(num_bits="3000", pauses="n"), "--num_bits/--pauses"),
+    (dict(setup="paper"), "--setup"), (dict(positions="sinusoidal"), "--positions"),
+    (dict(train_size=-1), "--train_size")])
 def test_bad_settings(given, name):
   with pytest.raises(UsageError) as e:
     parity.settings_from_flags(_fake_flags(**given))
@@ -279,6 +381,9 @@ def test_bad_settings(given, name):
     (["--steps=0"], "--steps"),
     (["--seeds=0"], "--seeds"),
     (["--seeds=-3"], "--seeds"),
+    (["--setup=paper"], "--setup"),
+    (["--positions=sinusoidal"], "--positions"),
+    (["--train_size=-1"], "--train_size"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, name):
   outdir = tmp_path / "out"
@@ -286,6 +391,16 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, name):
   assert result.returncode == 2, result.stderr
   assert result.stderr.startswith(f"error: {name}="), result.stderr
   assert not outdir.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("arg,valid", [
+    ("--positions=sinusoidal", "one of rope, learned, none"),
+    ("--setup=paper", "one of default, london_kanade")])
+def test_cli_names_the_valid_values(tmp_path, arg, valid):
+  result = _run_cli(f"--outdir={tmp_path / 'out'}", arg)
+  assert result.returncode == 2
+  flag, value = arg.split("=")
+  assert result.stderr == f"error: {flag}='{value}' is invalid: {valid}\n"
 
 
 def test_cli_unwritable_outdir(tmp_path):

@@ -1,7 +1,8 @@
 r"""n-bit parity with and without pause tokens, on a 2-layer causal decoder.
 
-    python -m pausejax.experiments.parity --outdir=runs/parity [--quick] \
-        [--num_bits=8,10,12,16] [--pauses=0,n/2,n] [--steps=1500] [--seed=0] [--seeds=1]
+    python -m pausejax.experiments.parity --outdir=runs/parity [--quick] [--setup=default] \
+        [--num_bits=8,10,12,16] [--pauses=0,n/2,n] [--steps=1500] [--seed=0] [--seeds=1] \
+        [--positions=rope] [--hints] [--train_size=0]
 
 London & Kanade 2025 (arXiv 2505.21024) report that a two-layer causally masked transformer learns
 parity when pause tokens follow the input and appears unable to without them. This runner trains
@@ -24,27 +25,46 @@ embedding table has `VOCAB_ROWS` = 8 rows, not 128: this model is tiny). One exa
 
 so the answer is read at the last position (the last pause, or SEP when M = 0): the PauseFT layout
 of Goyal et al. with prefix = bits + SEP. `decoder_loss_weights` is 1 at that position and 0
-everywhere else, so no bit, SEP or pause is ever a prediction target.
+everywhere else, so no bit, SEP or pause is ever a prediction target, unless --hints also scores
+the M positions before it (make_batch); evaluation always scores the answer alone, while the
+training loss and accuracy then average over hints and answer.
 
-Data. Training strings are drawn uniformly at random every step (fresh strings rather than the
-paper's fixed training set). Evaluation uses a fixed set of `num_eval` distinct strings (at most
-half of all 2^n strings), and training never draws a string of that set, so accuracy is on
-held-out strings; for small n the training strings are simply the other half. The data stream and
-the eval set depend on (seed, n) only, and the model initialisation on seed only, so every M at one
-n sees the same strings and starts from the same weights (a paired comparison).
+Data. By default training strings are drawn uniformly at random every step; --train_size=S fixes
+a set of S strings per (n, seed) instead, read in shuffled epochs. Evaluation uses a fixed set of
+`num_eval` distinct strings (at most half of all 2^n strings), and training never draws a string
+of that set, so accuracy is on held-out strings; for small n the training strings are simply the
+other half. The data and the eval set depend on (seed, n) only, and the model initialisation on
+seed only, so every M at one n sees the same strings and starts from the same weights (a paired
+comparison).
 
-Settings the paper does not pin down for our model (its width, optimiser, step counts; whether its
-positions are absolute) are ours: see `QUICK` / `FULL`, and docs/results.md for what they measured.
-The model uses RoPE as everywhere in pausejax (`--rope_theta` changes its base). A run stops early
-once held-out accuracy has been 100 % at `SOLVED_EVALS` evaluations in a row; with several seeds,
-once that holds for every seed (a solved seed trains on meanwhile).
+Positions (--positions): RoPE as everywhere in pausejax (`--rope_theta` changes its base), a
+learned absolute table added to the token embedding, or none (the causal mask alone).
+
+Their setup (--setup=london_kanade, `LONDON_KANADE`). Known of the paper's experiment: 2 causal
+layers learn parity with pauses and appear not to without; an ablation shows the gain is not only
+escaping the causal mask (abstract and reviews: arxiv.org/abs/2505.21024,
+openreview.net/forum?id=eG5oh8l1WZ); n in {20, 50, 100, 150, 200, 250, 300}, uniform bit strings,
+one dataset (train, validation, test) per seed and n, hyper-parameters in the appendix and code in
+the supplementary zip (ri.k117.org reproducibility record of the NeurIPS 2025 version); a
+GPT-2-style model, 2 layers, 4 heads, answering at once (with and without the causal mask) or
+after n pauses, trained with "hint" supervision (threshold values at the pauses), ~100 % up to
+n = 300 with pauses, ~50 % at n = 100 without (third-party notes on the arXiv HTML, not the paper
+itself). So the preset has M in {0, n}, 4 heads, learned absolute positions (our reading of
+GPT-2-style), hints [at least j ones] (our reading of threshold values) and a fixed training set.
+Ours, as not known: width, MLP, set size, optimiser, learning rate, batch, steps, the hints'
+exact form and place; RMSNorm and SwiGLU stay (GPT-2: LayerNorm, GELU) and there is no run
+without the causal mask. On 2 CPU cores a step at n = 300, M = n (601 tokens) takes seconds: the
+large n are for an accelerator.
+
+docs/results.md has what the default setup measured. A run stops early once held-out accuracy has
+been 100 % at `SOLVED_EVALS` evaluations in a row; with several seeds, once that holds for every
+seed (a solved seed trains on meanwhile).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import sys
@@ -57,6 +77,7 @@ import numpy as np
 
 from pausejax.experiments import stats
 from pausejax.experiments.parity_report import FILES
+from pausejax.experiments.parity_report import Progress
 from pausejax.experiments.parity_report import results_table
 from pausejax.experiments.parity_report import write_outputs
 
@@ -93,6 +114,9 @@ class Settings:
   rope_theta: float
   seed: int
   seeds: int  # Models per (n, M): seeds seed, seed + 1, ..., trained together as replicas.
+  positions: str = "rope"  # A key of POSITIONS.
+  hints: bool = False  # Threshold targets before the answer (see make_batch).
+  train_size: int = 0  # Training strings: 0 draws fresh ones every step, else a fixed set.
 
 
 # Quick: n + 1 + M takes 3 values over the 4 runs and every eval set has 16 strings, so only 3
@@ -105,6 +129,19 @@ FULL = Settings(num_bits=(8, 10, 12, 16), pauses=("0", "n/2", "n"), steps=1500, 
                 eval_every=100, num_eval=1024, learning_rate=1e-3, warmup_steps=200,
                 weight_decay=0.01, d_model=64, num_heads=4, head_dim=16, mlp_dim=256,
                 rope_theta=10_000.0, seed=0, seeds=1)
+# London & Kanade's setup as far as it is known (module docstring): their n, M in {0, n}, 4 heads,
+# learned absolute positions, threshold hints, a fixed training set. Width, optimiser and batch
+# stay FULL's, so the two presets differ only in what the paper is known to have done; the set
+# size and step count are ours too (the paper's are in its appendix and code).
+LONDON_KANADE = dataclasses.replace(
+    FULL, num_bits=(20, 50, 100, 150, 200, 250, 300), pauses=("0", "n"), steps=3000,
+    eval_every=250, positions="learned", hints=True, train_size=10_000)
+SETUPS = {"default": FULL, "london_kanade": LONDON_KANADE}
+# What --quick takes from a --setup (it keeps its own sizes): how the task is posed.
+_SETUP_METHOD = ("positions", "hints")
+# Positional information: RoPE (the Decoder's own), a learned table added to the token embedding
+# (GPT-2's wpe), or none (the causal mask alone tells positions apart).
+POSITIONS = ("rope", "learned", "none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,18 +179,31 @@ def parity(bits_BxN: np.ndarray) -> np.ndarray:
   return (np.sum(bits_BxN, axis=-1) % 2).astype(np.int32)
 
 
-def make_batch(bits_BxN: np.ndarray, num_pauses: int) -> dict[str, np.ndarray]:
-  """Decoder features for bit strings: see the module docstring for the layout."""
+def make_batch(bits_BxN: np.ndarray, num_pauses: int,
+               hints: bool = False) -> dict[str, np.ndarray]:
+  """Decoder features for bit strings: see the module docstring for the layout.
+
+  With `hints`, the M positions before the answer (SEP and every pause but the last) are scored
+  too: position n + j - 1 predicts hint j = [at least j bits are 1], j = 1 .. M. The inputs are
+  unchanged (still pauses), so the hints are outputs only, never read back as in a chain of
+  thought; parity is their alternating sum, which one more layer can take.
+  """
   batch, n = bits_BxN.shape
   length = n + 1 + num_pauses
+  ids = np.asarray(BIT_IDS, np.int32)
   inputs_BxL = np.full((batch, length), PAUSE_ID, np.int32)
-  inputs_BxL[:, :n] = np.asarray(BIT_IDS, np.int32)[bits_BxN]
+  inputs_BxL[:, :n] = ids[bits_BxN]
   inputs_BxL[:, n] = SEP_ID
   targets_BxL = np.empty_like(inputs_BxL)
   targets_BxL[:, :-1] = inputs_BxL[:, 1:]  # Next-token targets, all with weight 0...
-  targets_BxL[:, -1] = np.asarray(BIT_IDS, np.int32)[parity(bits_BxN)]  # ...but the answer.
+  targets_BxL[:, -1] = ids[parity(bits_BxN)]  # ...but the answer.
   weights_BxL = np.zeros((batch, length), np.float32)
   weights_BxL[:, -1] = 1.0
+  if hints and num_pauses:
+    ones_Bx1 = np.sum(bits_BxN, axis=-1, keepdims=True)
+    hint_BxM = (ones_Bx1 >= np.arange(1, num_pauses + 1)).astype(np.int32)
+    targets_BxL[:, n:n + num_pauses] = ids[hint_BxM]
+    weights_BxL[:, n:n + num_pauses] = 1.0
   return {"decoder_input_tokens": inputs_BxL, "decoder_target_tokens": targets_BxL,
           "decoder_loss_weights": weights_BxL}
 
@@ -163,9 +213,14 @@ def _key(row: np.ndarray) -> bytes:
 
 
 class ParityData:
-  """A fixed held-out eval set and a stream of training strings that never hits it."""
+  """A fixed held-out eval set and a stream of training strings that never hits it.
 
-  def __init__(self, num_bits: int, num_eval: int, seed: int):
+  With `train_size` > 0 the training strings are a fixed set of that many, drawn once (uniformly,
+  outside the eval set, so repeats are possible when 2^n is small) and then read in epochs, each
+  in a new random order; with 0, every batch draws fresh strings.
+  """
+
+  def __init__(self, num_bits: int, num_eval: int, seed: int, train_size: int = 0):
     self.num_bits, self.seed = num_bits, seed
     rng = np.random.default_rng([seed, num_bits, 0])
     # At most half the 2^n strings go to eval, so training always has some left.
@@ -179,11 +234,13 @@ class ParityData:
           rows.append(row)
     self.eval_bits = np.stack(rows).astype(np.int32)
     self._train_rng = np.random.default_rng([seed, num_bits, 1])
+    self.train_set = self._draw(train_size) if train_size else None
+    self._order = np.zeros(0, np.int64)  # What is left of the current epoch.
 
   def is_held_out(self, row: np.ndarray) -> bool:
     return _key(row) in self._eval_keys
 
-  def train_bits(self, count: int) -> np.ndarray:
+  def _draw(self, count: int) -> np.ndarray:
     """`count` uniformly random strings outside the eval set (rejection sampling)."""
     out = self._train_rng.integers(0, 2, (count, self.num_bits), dtype=np.int8)
     for i in range(count):
@@ -191,26 +248,81 @@ class ParityData:
         out[i] = self._train_rng.integers(0, 2, self.num_bits, dtype=np.int8)
     return out.astype(np.int32)
 
+  def train_bits(self, count: int) -> np.ndarray:
+    """The next `count` training strings: fresh ones, or the next ones of the fixed set."""
+    if self.train_set is None:
+      return self._draw(count)
+    parts = [self.train_set[:0]]
+    while count:
+      if not len(self._order):
+        self._order = self._train_rng.permutation(len(self.train_set))
+      take, self._order = self._order[:count], self._order[count:]
+      parts.append(self.train_set[take])
+      count -= len(take)
+    return np.concatenate(parts)
+
 
 # ----------------------------------------------------------------------------------------------
 # Training.
 
-def model_config(s: Settings):
-  """The 2-layer decoder. No max_len: one config (and one compiled init) for every (n, M)."""
+def longest_seq_len(s: Settings) -> int:
+  return max(n + 1 + resolve_pauses(p, n) for n in s.num_bits for p in s.pauses)
+
+
+def model_config(s: Settings, max_len: int | None = None):
+  """The 2-layer decoder. No max_len with RoPE or no positions: one config (and one compiled
+  init) for every (n, M); a learned table has `max_len` rows, the sweep's longest sequence (so
+  its initial rows, unlike the other weights, also depend on the sweep's largest n + M)."""
   from pausejax import model as model_lib
   return model_lib.ModelConfig(
       vocab_size=VOCAB_ROWS, num_layers=2, d_model=s.d_model, num_heads=s.num_heads,
-      head_dim=s.head_dim, mlp_dim=s.mlp_dim, tied_embeddings=False, rope_theta=s.rope_theta)
+      head_dim=s.head_dim, mlp_dim=s.mlp_dim, tied_embeddings=False, rope_theta=s.rope_theta,
+      max_len=max_len if s.positions == "learned" else None)
+
+
+@functools.lru_cache(maxsize=None)
+def decoder_class(positions: str):
+  """`pausejax.model.Decoder` for "rope"; for "learned" or "none", a subclass without RoPE."""
+  from pausejax import model as model_lib
+  if positions == "rope":
+    return model_lib.Decoder
+  import jax.numpy as jnp
+
+  class Decoder(model_lib.Decoder):
+    """RoPE at position 0 everywhere (its rotation is then the identity), plus for "learned" a
+    table of position vectors added to the token embedding, drawn like it (GPT-2's wpe)."""
+
+    def __init__(self, cfg, *, rngs):
+      super().__init__(cfg, rngs=rngs)  # First: the other weights match a RoPE model's.
+      self.pos_embed = None if positions == "none" else model_lib._param(  # (max_len)xD.
+          model_lib._kernel(rngs, (cfg.max_len, cfg.d_model), 1, 0, cfg.param_dtype),
+          ("length", "embed"))
+
+    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, prefix_BxL=None,
+                 lifetimes_BxL=None):
+      return super().__call__(tokens_BxL, segment_ids_BxL, jnp.zeros_like(tokens_BxL),
+                              prefix_BxL, lifetimes_BxL)
+
+    def _embed(self, tokens_BxL):
+      x_BxLxD = super()._embed(tokens_BxL)
+      if self.pos_embed is None:
+        return x_BxLxD
+      return x_BxLxD + self.pos_embed[...][:tokens_BxL.shape[1]].astype(x_BxLxD.dtype)
+
+  return Decoder
 
 
 def programs(s: Settings) -> types.SimpleNamespace:
   """The compiled programs for `s`, shared by every (n, M) and seed of a sweep."""
-  # Seeds are arguments and n, M only change shapes: they stay out of the cache key.
-  return _programs(dataclasses.replace(s, num_bits=(), pauses=(), seed=0, seeds=1))
+  # Seeds are arguments and n, M only change shapes: they stay out of the cache key (but a
+  # learned position table's length is a parameter shape).
+  max_len = longest_seq_len(s) if s.positions == "learned" else None
+  return _programs(dataclasses.replace(s, num_bits=(), pauses=(), seed=0, seeds=1,
+                                       hints=False, train_size=0), max_len)
 
 
 @functools.lru_cache(maxsize=4)
-def _programs(s: Settings) -> types.SimpleNamespace:
+def _programs(s: Settings, max_len: int | None) -> types.SimpleNamespace:
   """Jitted init, train and eval functions, and train and eval vmapped over replicas.
 
   They recompile only for a new sequence length (or replica count): compiling is most of a
@@ -223,8 +335,10 @@ def _programs(s: Settings) -> types.SimpleNamespace:
   from pausejax import model as model_lib
   from pausejax import step as step_lib
 
-  cfg = model_config(s)
-  graphdef, abstract_params = step_lib.abstract_model(cfg)
+  cfg = model_config(s, max_len)
+  decoder = decoder_class(s.positions)
+  graphdef, abstract_params = nnx.split(
+      nnx.eval_shape(lambda: decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   oc = ml_collections.ConfigDict(dict(
       learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, end_lr_ratio=0.1, b1=0.9,
       b2=0.98, eps=1e-8, weight_decay=s.weight_decay, grad_clip_norm=1.0))
@@ -234,7 +348,7 @@ def _programs(s: Settings) -> types.SimpleNamespace:
 
   def init(seed_u32):
     # The 'rbg' generator: threefry's unrolled rounds double the time to compile this on CPU.
-    model = model_lib.Decoder(cfg, rngs=nnx.Rngs(jax.random.key(seed_u32, impl="rbg")))
+    model = decoder(cfg, rngs=nnx.Rngs(jax.random.key(seed_u32, impl="rbg")))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
@@ -245,7 +359,7 @@ def _programs(s: Settings) -> types.SimpleNamespace:
   # No vmapped init: 'rbg' keys draw other bits under vmap, so replicas are initialised one by
   # one (as a lone run would be) and stacked.
   return types.SimpleNamespace(
-      num_params=model_lib.count_params(cfg), init=jax.jit(init),
+      num_params=model_lib.count_params(cfg) + (max_len or 0) * cfg.d_model, init=jax.jit(init),
       train_chunk=jax.jit(train_chunk, donate_argnums=0), evaluate=jax.jit(evaluate),
       train_chunk_replicas=jax.jit(jax.vmap(train_chunk), donate_argnums=0),
       evaluate_replicas=jax.jit(jax.vmap(evaluate)))
@@ -256,9 +370,11 @@ def seed_u32(seed: int) -> np.uint32:
   return np.uint32(seed % 2 ** 32)
 
 
-def _features(bits_xN: np.ndarray, num_pauses: int, lead: tuple[int, ...]) -> dict:
+def _features(bits_xN: np.ndarray, num_pauses: int, lead: tuple[int, ...],
+              hints: bool = False) -> dict:
   """make_batch of all rows at once (it is row-wise), each feature reshaped to lead + (L,)."""
-  return {k: v.reshape(*lead, v.shape[-1]) for k, v in make_batch(bits_xN, num_pauses).items()}
+  batch = make_batch(bits_xN, num_pauses, hints)
+  return {k: v.reshape(*lead, v.shape[-1]) for k, v in batch.items()}
 
 
 def train_replicas(s: Settings, datas: Sequence[ParityData], num_pauses: int,
@@ -292,8 +408,8 @@ def train_replicas(s: Settings, datas: Sequence[ParityData], num_pauses: int,
   while done < s.steps:
     chunk = min(s.eval_every, s.steps - done)
     bits = np.concatenate([d.train_bits(chunk * s.batch_size) for d in datas])
-    state, train_metrics = train_chunk(
-        state, _features(bits, num_pauses, lead + (chunk, s.batch_size)))
+    state, train_metrics = train_chunk(  # Evaluation scores the answer alone, hints or not.
+        state, _features(bits, num_pauses, lead + (chunk, s.batch_size), s.hints))
     done += chunk
     terms = jax.device_get(evaluate(state["params"], eval_batch))
     train_metrics = jax.device_get(train_metrics)
@@ -332,42 +448,7 @@ def train_one(s: Settings, data: ParityData, num_pauses: int, progress=None) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Progress and sweep.
-
-class Progress:
-  """One status line with an ETA, rewritten in place on a terminal, else every `every_s` seconds.
-
-  Work is counted in token-steps (steps x sequence length), since a step's cost grows with it,
-  once per (n, M) whatever the number of seeds (they run in the same steps); runs that stop early
-  take their unused work out of the total.
-  """
-
-  def __init__(self, total_work: float, stream=None, every_s: float = 10.0):
-    from pausejax.metrics import format_duration
-    self._fmt = format_duration
-    self.total = float(total_work)
-    self.stream = stream or sys.stderr
-    self.tty = self.stream.isatty()
-    self.every_s, self.start, self.last = every_s, time.perf_counter(), -math.inf
-
-  def update(self, label: str, work_done: float, force: bool = False) -> None:
-    now = time.perf_counter()
-    if not (force or self.tty or now - self.last >= self.every_s):
-      return
-    self.last = now
-    elapsed = now - self.start
-    frac = min(1.0, work_done / self.total) if self.total else 1.0
-    eta = elapsed * (1 - frac) / frac if frac > 0 else math.nan
-    line = (f"parity {100 * frac:3.0f}% | {label} | {self._fmt(elapsed)} elapsed, "
-            f"ETA {self._fmt(eta)}")
-    self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
-    self.stream.flush()
-
-  def close(self) -> None:
-    if self.tty:
-      self.stream.write("\n")
-      self.stream.flush()
-
+# Sweep.
 
 def sweep(s: Settings, stream=None) -> dict[str, Any]:
   """Trains every (n, M) of `s`; returns the results.json content."""
@@ -377,7 +458,7 @@ def sweep(s: Settings, stream=None) -> dict[str, Any]:
   runs, finished = [], 0.0
   acc = "held-out acc" if s.seeds == 1 else f"mean held-out acc of {s.seeds} seeds"
   for i, (n, spec, m) in enumerate(plan):
-    datas = [ParityData(n, s.num_eval, s.seed + j) for j in range(s.seeds)]
+    datas = [ParityData(n, s.num_eval, s.seed + j, s.train_size) for j in range(s.seeds)]
     label = f"run {i + 1}/{len(plan)} n={n} M={m}"
 
     def report(step, point, n=n, m=m, label=label):
@@ -418,9 +499,26 @@ def _int_list(name: str, text: str, minimum: int) -> tuple[int, ...]:
 
 
 def settings_from_flags(f) -> Settings:
-  """The preset (--quick or full) with the flags that were given; UsageError for bad ones."""
-  s = QUICK if f.quick else FULL
+  """The preset (--setup, or --quick with the setup's method) with the flags that were given;
+  UsageError for bad ones."""
+  setup = "default" if f.setup is None else f.setup
+  if setup not in SETUPS:
+    raise UsageError.setting("--setup", f.setup, "one of " + ", ".join(SETUPS))
+  s = SETUPS[setup]
+  if f.quick:
+    s = dataclasses.replace(QUICK, **{k: getattr(s, k) for k in _SETUP_METHOD})
   changes: dict[str, Any] = {}
+  if f.positions is not None:
+    if f.positions not in POSITIONS:
+      raise UsageError.setting("--positions", f.positions, "one of " + ", ".join(POSITIONS))
+    changes["positions"] = f.positions
+  if f.hints is not None:
+    changes["hints"] = bool(f.hints)
+  if f.train_size is not None:
+    if f.train_size < 0:
+      raise UsageError.setting("--train_size", f.train_size,
+                               "a non-negative integer (0: fresh strings every step)")
+    changes["train_size"] = f.train_size
   if f.num_bits is not None:
     changes["num_bits"] = _int_list("--num_bits", f.num_bits, 1)
   if f.pauses is not None:
@@ -454,7 +552,7 @@ def settings_from_flags(f) -> Settings:
   s = dataclasses.replace(s, **changes)
   if s.head_dim % 2:
     raise UsageError.setting("--head_dim", s.head_dim, "an even integer (RoPE rotates pairs)")
-  longest = max(n + 1 + resolve_pauses(p, n) for n in s.num_bits for p in s.pauses)
+  longest = longest_seq_len(s)
   if longest > MAX_SEQ_LEN:
     raise UsageError.setting("--num_bits/--pauses", f"{s.num_bits}/{s.pauses}",
                              f"sequences of n + 1 + M <= {MAX_SEQ_LEN} tokens (got {longest})")
@@ -464,6 +562,15 @@ def settings_from_flags(f) -> Settings:
 def define_flags() -> None:
   flags.DEFINE_string("outdir", None, "Directory for results.json, results.md and parity.png.")
   flags.DEFINE_bool("quick", False, "Tiny sweep for CI (seconds) instead of the full one.")
+  flags.DEFINE_string("setup", None,
+                      "Preset: default, or london_kanade (their n, M, positions and hints; "
+                      "see the module docstring). Other flags override it; with --quick only "
+                      "its positions and hints apply.")
+  flags.DEFINE_string("positions", None, "Positions: rope, learned (absolute) or none.")
+  flags.DEFINE_bool("hints", None, "Also score threshold hints before the answer (make_batch).")
+  flags.DEFINE_integer("train_size", None,
+                       "Fixed training set of this many strings per n and seed (0: fresh "
+                       "strings every step).")
   flags.DEFINE_string("num_bits", None, "Comma-separated n values (default: the preset's).")
   flags.DEFINE_string("pauses", None,
                       "Comma-separated pause counts M: integers, or n, n/2, 2n... (relative to n).")

@@ -1,18 +1,57 @@
-"""The parity runner's outputs: results.md's table, parity.png and the files written together.
+"""The parity runner's outputs: its progress line, results.md's table, parity.png and the files
+written together.
 
-Everything here reads the `results` dict that `parity.sweep` returns (runs of (n, M) cells with
-their curves, means over seeds and confidence intervals) and nothing else.
+Everything after `Progress` reads the `results` dict that `parity.sweep` returns (runs of (n, M)
+cells with their curves, means over seeds and confidence intervals) and nothing else.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import sys
 import tempfile
+import time
 from typing import Any
 
 FILES = ("results.json", "results.md", "parity.png")
+
+
+class Progress:
+  """One status line with an ETA, rewritten in place on a terminal, else every `every_s` seconds.
+
+  Work is counted in token-steps (steps x sequence length), since a step's cost grows with it,
+  once per (n, M) whatever the number of seeds (they run in the same steps); runs that stop early
+  take their unused work out of the total.
+  """
+
+  def __init__(self, total_work: float, stream=None, every_s: float = 10.0):
+    from pausejax.metrics import format_duration
+    self._fmt = format_duration
+    self.total = float(total_work)
+    self.stream = stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self.every_s, self.start, self.last = every_s, time.perf_counter(), -math.inf
+
+  def update(self, label: str, work_done: float, force: bool = False) -> None:
+    now = time.perf_counter()
+    if not (force or self.tty or now - self.last >= self.every_s):
+      return
+    self.last = now
+    elapsed = now - self.start
+    frac = min(1.0, work_done / self.total) if self.total else 1.0
+    eta = elapsed * (1 - frac) / frac if frac > 0 else math.nan
+    line = (f"parity {100 * frac:3.0f}% | {label} | {self._fmt(elapsed)} elapsed, "
+            f"ETA {self._fmt(eta)}")
+    self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.tty:
+      self.stream.write("\n")
+      self.stream.flush()
 
 
 def _cell(results: dict[str, Any], n: int, spec: str) -> dict[str, Any]:
@@ -52,13 +91,18 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
     seeds = (f"{k} seeds ({s['seed']} to {s['seed'] + k - 1}, each with its own weights and "
              f"strings): every cell is the mean over the seeds ± the half-width of its 95 % "
              f"confidence interval (Student t, {k - 1} degrees of freedom)")
+  # Older results.json files predate these settings: they had RoPE, no hints, fresh strings.
+  train = (f"a fixed set of {s['train_size']} training strings"
+           if s.get("train_size") else "fresh training strings")
   return "\n".join([
       "# Parity with pause tokens",
       "",
       f"Final held-out accuracy (chance 0.5) of a 2-layer causal decoder (d_model {s['d_model']}, "
-      f"{s['num_heads']} heads) on n-bit parity with M pauses after the bits; up to "
-      f"{s['steps']} steps of batch {s['batch_size']}, {s['num_eval']} held-out strings per n "
-      f"(fewer when 2^n is small), {seeds}. Wall time {results['wall_s']:.0f} s.",
+      f"{s['num_heads']} heads, positions {s.get('positions', 'rope')}) on n-bit parity with M "
+      f"pauses after the bits{', threshold hints before the answer' if s.get('hints') else ''}; "
+      f"up to {s['steps']} steps of batch {s['batch_size']} from {train}, {s['num_eval']} "
+      f"held-out strings per n (fewer when 2^n is small), {seeds}. Wall time "
+      f"{results['wall_s']:.0f} s.",
       "",
       results_table(results),
       "",

@@ -70,7 +70,7 @@ EVAL_EXAMPLES = (300, 8)
 CURVE_EXAMPLES = (100, 4)
 MODEL = dict(num_layers=4, d_model=128, num_heads=2, head_dim=64, mlp_dim=512)
 PRETRAIN_SEQ_LEN, PRETRAIN_BATCH = 128, 16
-FINETUNE_BATCH = 32
+FINETUNE_BATCH = 16
 TARGETS_LEN = 12          # The longest answer (8 sorted digits) + EOS, with room.
 PROMPT_ROOM = 40          # BOS + the longest training prompt (a depth-4 chain is <= 27 pieces).
 EVAL_ROOM = 64            # ... and of an extrapolation prompt (depth-6 chains, <= 39 pieces).
