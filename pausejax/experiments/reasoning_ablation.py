@@ -288,8 +288,7 @@ def main(argv):
   for name in ("pretrain_steps", "finetune_steps", "eval_examples", "curve_examples"):
     _positive(name, f[name].value, "a non-negative integer (0: the mode's default)", 0)
   from pausejax import downstream
-  from pausejax import tasks as _  # Registers the embedded tasks, reason_* among them.
-  del _
+  from pausejax import tasks  # noqa: F401  Registers the embedded tasks, reason_* among them.
   recipe = downstream.resolve(f.task, setting="--task")
   if recipe.kind != "generative" or "exact_match" not in recipe.metric_fns:
     raise UsageError.setting("--task", f.task, "a generative downstream task (exact match), "
@@ -307,7 +306,10 @@ def main(argv):
   from pausejax import corpus
   tfds_dir = os.path.join(outdir, "tensorflow_datasets")
   seeds = list(range(f.seed, f.seed + f.seeds))
-  runs = {s: os.path.join(outdir, "runs", f"seed{s}") for s in seeds}
+
+  def workdir(s: int, name: str) -> str:
+    return os.path.join(outdir, "runs", f"seed{s}", name.replace("+", "_").replace(" ", "_"))
+
   # Every config of every seed is validated before the first run starts.
   jobs = []  # (seed, run name, config) in the order they run.
   ft_cfgs = {}
@@ -315,11 +317,11 @@ def main(argv):
     for name in PRETRAININGS:
       jobs.append((s, name, pretrain_config(quick, s, name, pre_steps, tfds_dir)))
     for name, (pt, pause_ft, position) in VARIANTS.items():
-      init = os.path.join(runs[s], pt) if pt else ""
+      init = workdir(s, pt) if pt else ""
       c = finetune_config(quick, s, f.task, m if pause_ft else 0, position, ft_steps, init,
                           tfds_dir, f.curve_points, curve_examples)
       ft_cfgs[s, name] = c
-      jobs.append((s, name.replace("+", "_").replace(" ", "_"), c))
+      jobs.append((s, name, c))
   for _, _, c in jobs:
     config_lib.validate(c)
   corpus.ensure_prepared(corpus.EMBEDDED_TFDS_NAME, tfds_dir)
@@ -330,10 +332,7 @@ def main(argv):
     eta = f"{elapsed / done * (len(jobs) - done):.0f}s" if done else "--"
     print(f"[reasoning ablation {done}/{len(jobs)} runs | {elapsed:.0f}s elapsed | ETA {eta}] "
           f"seed {s}: {name}", flush=True)
-    ablation.train_or_reuse(c, os.path.join(runs[s], name))
-
-  def workdir(s: int, variant: str) -> str:
-    return os.path.join(runs[s], variant.replace("+", "_").replace(" ", "_"))
+    ablation.train_or_reuse(c, workdir(s, name))
 
   print("[reasoning ablation] scoring", flush=True)
   cells_per_seed = []
@@ -343,11 +342,10 @@ def main(argv):
       for task in task_list:
         cells[f"{task}/{name}"] = exact_match(ft_cfgs[s, name], workdir(s, name), task,
                                               ft_cfgs[s, name].pause.num_finetune, examples)
-      if name in SWEPT:
-        for mi in m_infs(m):
-          if mi != m:
-            cells[f"{task_list[0]}/{name}/M_inf={mi}"] = exact_match(
-                ft_cfgs[s, name], workdir(s, name), task_list[0], mi, examples)
+      for mi in (m_infs(m) if name in SWEPT else ()):
+        if mi != m:  # M_inf = M_ft is the cell above.
+          cells[f"{task_list[0]}/{name}/M_inf={mi}"] = exact_match(
+              ft_cfgs[s, name], workdir(s, name), task_list[0], mi, examples)
     cells_per_seed.append(cells)
     ablation.forget_models()  # One seed's models in memory at a time.
   per_seed_curves = {name: [curve(workdir(s, name), f.task) for s in seeds] for name in VARIANTS}
@@ -365,10 +363,11 @@ def main(argv):
   }
   with open(os.path.join(outdir, "results.json"), "w") as fh:
     json.dump(results, fh, indent=2)
+  table = markdown(results)
   with open(os.path.join(outdir, "results.md"), "w") as fh:
-    fh.write(markdown(results))
+    fh.write(table)
   plot(results, os.path.join(outdir, "reasoning_ablation.png"))
-  print(markdown(results), flush=True)
+  print(table, flush=True)
 
 
 if __name__ == "__main__":
