@@ -128,7 +128,7 @@ def reference_config(quick: bool, seed: int, steps: int, tfds_data_dir: str):
 
 def _model(workdir: str, config):
   from pausejax.experiments import ablation
-  return ablation._trained_model(workdir, config)
+  return ablation.trained_model(workdir, config)
 
 
 def arith_scores(workdir: str, config, problems, temperature: float, seed: int):
@@ -313,7 +313,7 @@ def main(argv):
   runs = os.path.join(outdir, "runs")
   for i, (part, name, c) in enumerate(jobs):
     progress(i, f"training {part}/{name}")
-    ablation._train(c, os.path.join(runs, part, name))
+    ablation.train_or_reuse(c, os.path.join(runs, part, name))
   progress(len(jobs), "scoring")
 
   problems = downstream.arithmetic_examples(EVAL_PROBLEMS[mode], base=7, max_digits=3, seed=1)

@@ -190,7 +190,7 @@ def main(argv):
   runs = os.path.join(outdir, "runs")
   for i, (name, c) in enumerate(configs.items()):
     progress(i, f"pretraining {name} ({MODELS[name][2]})")
-    ablation._train(c, os.path.join(runs, name))
+    ablation.train_or_reuse(c, os.path.join(runs, name))
   models = {}
   for i, (name, c) in enumerate(configs.items()):
     progress(len(MODELS) + i, f"streaming {stream_tokens} tokens through {name}")
