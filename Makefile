@@ -8,8 +8,10 @@ PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraint
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 # Both sets run on this many pytest-xdist workers (one per core here); a file's tests stay
-# on one worker, so module fixtures (trained runs) are built once.
+# on one worker, so module fixtures (trained runs) are built once. Each set ends with its
+# slowest tests, so a slower suite shows where the time went.
 TEST_WORKERS ?= 2
+DURATIONS := --durations=15
 
 .PHONY: demo test test-all test-slow test-hf bench clean venv
 
@@ -27,11 +29,11 @@ demo: venv
 # Fast set by default; `make test-all` adds the slow tests.
 test: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow and not hf" -n $(TEST_WORKERS) --dist loadfile \
-	    $(PYTEST_ARGS)
+	    $(DURATIONS) $(PYTEST_ARGS)
 
 test-slow: venv
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "slow and not hf" -n $(TEST_WORKERS) --dist loadfile \
-	    $(PYTEST_ARGS)
+	    $(DURATIONS) $(PYTEST_ARGS)
 
 # transformers loads `pausejax.export`'s output (marker hf). torch (the CPU build) and
 # transformers, about 1 GB, go into the venv here only; constraints.txt pins them and their deps.

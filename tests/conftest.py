@@ -5,6 +5,27 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _compilation_cache() -> None:
+  """JAX's persistent compilation cache, one folder per test process and the commands it starts.
+
+  The tests build the same tiny programs again and again (each run, CLI and experiment cell
+  traces its own step); compiling them dominates the suite's time on CPU. A cached executable
+  is the one XLA would compile again, so results do not change. Removed when the process exits.
+  """
+  import atexit
+  import shutil
+  import tempfile
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # Set by the caller, or inherited from a parent.
+    return
+  path = tempfile.mkdtemp(prefix="pausejax-tests-jax-cache-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # Tiny programs too.
+
+
+_compilation_cache()
+
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

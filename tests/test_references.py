@@ -6,6 +6,7 @@ test that stubs `module.old_name = fake` after a rename would silently stub noth
 """
 
 import ast
+import functools
 import os
 
 from conftest import REPO
@@ -13,6 +14,7 @@ from conftest import REPO
 PACKAGE = "pausejax"
 
 
+@functools.cache
 def _module_path(dotted: str) -> str | None:
   base = os.path.join(REPO, *dotted.split("."))
   if os.path.isfile(base + ".py"):
@@ -22,6 +24,7 @@ def _module_path(dotted: str) -> str | None:
   return None
 
 
+@functools.cache
 def _top_level_names(path: str) -> set[str] | None:
   """Names bound at module level; None when the module can bind names dynamically."""
   tree = ast.parse(open(path).read())
@@ -71,13 +74,13 @@ def _top_level_names(path: str) -> set[str] | None:
   return names
 
 
-def _aliases(tree: ast.Module) -> dict[str, str]:
+def _aliases(nodes: list[ast.AST]) -> dict[str, str]:
   """Local name -> dotted pausejax module, for the file's imports (module level or in functions).
 
   A name bound to different modules in different places is left out.
   """
   found: dict[str, set[str]] = {}
-  for node in ast.walk(tree):
+  for node in nodes:
     if isinstance(node, ast.Import):
       for a in node.names:
         if a.name.startswith(PACKAGE + ".") and a.asname:
@@ -100,22 +103,19 @@ def _sources():
 
 
 def _unresolved(path: str) -> list[str]:
-  tree = ast.parse(open(path).read())
-  aliases = _aliases(tree)
-  shadowed = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+  nodes = list(ast.walk(ast.parse(open(path).read())))
+  aliases = _aliases(nodes)
+  shadowed = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
               and n.id in aliases}
   missing = []
-  cache: dict[str, set[str] | None] = {}
-  for node in ast.walk(tree):
+  for node in nodes:
     if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
       continue
     alias = node.value.id
     if alias not in aliases or alias in shadowed:
       continue
     dotted = aliases[alias]
-    if dotted not in cache:
-      cache[dotted] = _top_level_names(_module_path(dotted))
-    names = cache[dotted]
+    names = _top_level_names(_module_path(dotted))
     if names is not None and node.attr not in names:
       missing.append((node.lineno, f"{dotted}.{node.attr}"))
   return [f"{os.path.relpath(path, REPO)}:{line}: {name}" for line, name in sorted(missing)]
