@@ -7,11 +7,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _compilation_cache() -> None:
-  """JAX's persistent compilation cache, one folder per test process and the commands it starts.
+  """JAX's persistent compilation cache: one folder per pytest run, shared by its xdist workers
+  and the commands they start (they inherit the variable).
 
   The tests build the same tiny programs again and again (each run, CLI and experiment cell
   traces its own step); compiling them dominates the suite's time on CPU. A cached executable
-  is the one XLA would compile again, so results do not change. Removed when the process exits.
+  is the one XLA would compile again, so results do not change; an entry read while another
+  process is still writing it fails to load, which JAX reports as a warning and recompiles.
+  Removed when the process that made it exits.
   """
   import atexit
   import shutil
